@@ -1,8 +1,58 @@
-"""`qtm run` (not yet built)."""
+"""`qtm chain run CONFIG.toml --out results/NAME`: run or continue a Chain of Diffusion."""
 
-from qtm.cli_common import fail
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qtm.cli_common import fail, print_json
 
 
-def run() -> None:
-    """Not yet available."""
-    fail("qtm run is not built yet")
+def run(
+    config: Annotated[Path, typer.Argument(help="TOML config (see examples/tiny_cpu.toml, examples/paper_sd15.toml).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder, e.g. results/NAME; rerunning continues it.")],
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Rich progress bars.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of a table.")] = False,
+) -> None:
+    """Finetune and generate for every condition and iteration; write metrics.nc after each one."""
+    from chain.config import ConfigError, load_config
+    from chain.data import DatasetError
+    from chain.models import ModelLoadError
+    from chain.run import RunError, run_chain
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # The chain shows its own progress; the libraries' per-file loading bars would interleave with it.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        cfg = load_config(config)
+        ds = run_chain(cfg, out, progress=progress and not json_output)
+    except (ConfigError, DatasetError, ModelLoadError, RunError) as exc:
+        fail(str(exc))
+    summary = {
+        "out": str(out),
+        "metrics": str(Path(out) / "metrics.nc"),
+        "conditions": [str(c) for c in ds.condition.values],
+        "iterations": int(ds.sizes["iteration"] - 1),
+        "hf_power_mean": {
+            str(c): [float(v) for v in ds.hf_power.sel(condition=c).mean("image", skipna=True).values]
+            for c in ds.condition.values
+        },
+    }
+    if json_output:
+        print_json(summary)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"hf_power mean per iteration ({summary['metrics']})")
+    table.add_column("condition")
+    for k in range(summary["iterations"] + 1):
+        table.add_column(f"it {k}", justify="right")
+    for c, values in summary["hf_power_mean"].items():
+        table.add_row(c, *(f"{v:.4f}" for v in values))
+    Console().print(table)

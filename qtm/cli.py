@@ -44,3 +44,6 @@ def _register() -> None:
 
 
 _register()
+
+if __name__ == "__main__":  # `python -m qtm.cli ...`, e.g. under `accelerate launch -m qtm.cli`
+    app()

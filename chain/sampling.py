@@ -1,0 +1,169 @@
+"""Generation D_k = Generate(M_k, P) (Eq. 2 of the paper): a written-out Euler-ancestral loop with
+classifier-free guidance whose scale follows a schedule (chain.guidance).
+
+Per step i with timestep t_i and noise level sigma_i (diffusers EulerAncestralDiscreteScheduler):
+    x_in          = scale_model_input([x, x], t_i)                    (one batched UNet call for both)
+    (e_u, e_c)    = eps_theta(x_in, t_i, [E(""), E(prompt)])
+    e             = e_u + s_i (e_c - e_u),   s_i = schedule.scale(i, T, sigma_i)
+    x             = scheduler.step(e, t_i, x, generator)              (ancestral noise from the generator)
+The loop is the same arithmetic, in the same order, as StableDiffusionPipeline's, so with equal generators
+both give equal latents (tests check it); unlike the pipeline it also returns both noise predictions' gap
+|e_c - e_u| per step (Appendix G.1) and the final latents (Appendix G.2). With scale 1 the pipeline skips the
+unconditional pass; this loop always makes it (the result differs only by rounding).
+
+One CPU torch.Generator per image (seeded by `image_seed`) draws that image's initial and ancestral noise,
+so an image does not depend on the batch it is generated in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import torch
+
+from chain.models import BaseModel
+from chain.text import encode_prompts, unwrap
+
+
+def image_seed(run_seed: int, condition: str, iteration: int, image: int, purpose: str = "sample") -> int:
+    """A 63-bit seed from (run seed, condition, iteration, image index): SHA-256 of their text, so seeds of
+    different images, conditions and iterations are unrelated and independent of batch composition."""
+    text = f"{run_seed}/{condition}/{iteration}/{image}/{purpose}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """Final latents (B, C, h, w), float32 on CPU, and the per-image L2 norm of (e_c - e_u) at every step (B, T)."""
+
+    latents: torch.Tensor
+    guidance_diff_norm: torch.Tensor
+    scales: np.ndarray
+
+
+def sampling_scheduler(scheduler_config: dict, num_steps: int, device):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    scheduler = EulerAncestralDiscreteScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_steps, device=device)
+    return scheduler
+
+
+@torch.no_grad()
+def sample_latents(
+    unet,
+    scheduler_config: dict,
+    cond_embeddings: torch.Tensor,
+    uncond_embeddings: torch.Tensor,
+    schedule,
+    *,
+    num_steps: int,
+    latent_shape: tuple[int, int, int],
+    generator: list[torch.Generator],
+) -> SampleResult:
+    """The Euler-ancestral CFG loop for a batch: B = len(generator) images, embeddings (B, L, D) each
+    (an unconditional embedding with batch 1 is broadcast)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet = unwrap(unet)
+    device, dtype = next(unet.parameters()).device, cond_embeddings.dtype
+    b = len(generator)
+    if uncond_embeddings.shape[0] == 1 and b > 1:
+        uncond_embeddings = uncond_embeddings.expand(b, -1, -1)
+    embeddings = torch.cat([uncond_embeddings, cond_embeddings]).to(device)
+    scheduler = sampling_scheduler(scheduler_config, num_steps, device)
+    gens = generator if b > 1 else generator[0]
+    latents = randn_tensor((b, *latent_shape), generator=gens, device=device, dtype=dtype)
+    latents = latents * scheduler.init_noise_sigma
+    norms = torch.zeros(b, len(scheduler.timesteps), dtype=torch.float64)
+    scales = np.zeros(len(scheduler.timesteps))
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = float(scheduler.sigmas[i])
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        pred_uncond, pred_cond = pred.chunk(2)
+        scale = schedule.scale(i, len(scheduler.timesteps), sigma)
+        scales[i] = scale
+        noise_pred = pred_uncond + scale * (pred_cond - pred_uncond)
+        norms[:, i] = (pred_cond - pred_uncond).flatten(1).double().norm(dim=1).cpu()
+        latents = scheduler.step(noise_pred, t, latents, generator=gens, return_dict=False)[0]
+    return SampleResult(latents.float().cpu(), norms, scales)
+
+
+@torch.no_grad()
+def decode(model: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1]: VAE decode of latents / scaling_factor, or for a pixel-space model the
+    sample itself, mapped from [-1, 1]."""
+    if model.vae is None:
+        pixels = latents
+    else:
+        vae = model.vae
+        device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+        pixels = vae.decode(latents.to(device, dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return (pixels.float().cpu() / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1]
+    latents: torch.Tensor  # (N, C, h, w)
+    guidance_diff_norm: torch.Tensor  # (N, T)
+    scales: np.ndarray  # (T,)
+
+
+def generate(
+    model: BaseModel,
+    prompts: list[str],
+    seeds: list[int],
+    schedule,
+    *,
+    num_steps: int,
+    resolution: int,
+    clip_skip: int,
+    batch_size: int,
+    on_batch=None,
+) -> GenerationResult:
+    """One image per (prompt, seed) pair, in batches of `batch_size`; prompts embedded with CLIP skip, the
+    unconditional embedding is that of "" through the same (finetuned) text encoder."""
+    if len(prompts) != len(seeds):
+        raise ValueError("generate: one seed per prompt")
+    side = resolution // model.vae_scale_factor
+    latent_shape = (model.latent_channels, side, side)
+    if not prompts:  # a process with no share of the prompts
+        return GenerationResult(torch.zeros(0, 3, resolution, resolution), torch.zeros(0, *latent_shape),
+                                torch.zeros(0, num_steps, dtype=torch.float64), np.full(num_steps, np.nan))
+    te = unwrap(model.text_encoder)
+    max_length = model.max_token_length
+    uncond = encode_prompts(te, model.tokenizer, [""], clip_skip=clip_skip, max_length=max_length)
+    images, latents, norms = [], [], []
+    scales = np.zeros(num_steps)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        cond = encode_prompts(te, model.tokenizer, chunk, clip_skip=clip_skip, max_length=max_length)
+        gens = [make_generator(s) for s in seeds[start : start + batch_size]]
+        result = sample_latents(
+            model.unet, model.scheduler_config, cond, uncond, schedule,
+            num_steps=num_steps, latent_shape=latent_shape, generator=gens,
+        )
+        images.append(decode(model, result.latents))
+        latents.append(result.latents)
+        norms.append(result.guidance_diff_norm)
+        scales = result.scales
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return GenerationResult(torch.cat(images), torch.cat(latents), torch.cat(norms), scales)
+
+
+def latent_histogram(latents: torch.Tensor, bins: int, value_range: float) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of all final latent values in `bins` equal bins over [-range, range] (values outside are
+    counted in the edge bins), and the bin edges (Appendix G.2)."""
+    edges = np.linspace(-value_range, value_range, bins + 1)
+    values = np.clip(latents.double().numpy().ravel(), -value_range, value_range)
+    counts, _ = np.histogram(values, bins=edges)
+    return counts.astype(np.float64), edges

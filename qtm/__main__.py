@@ -1,0 +1,5 @@
+"""`python -m qtm` runs the command-line interface."""
+
+from qtm.cli import app
+
+app()
