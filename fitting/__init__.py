@@ -1,0 +1,9 @@
+"""Inference of selection from chain data: `qtm fit` (MODEL.md section 6; DESIGN.md "The results contract").
+
+Modules: `observations` (read and validate a results dataset), `model` (parameters, transforms, objective),
+`optimize` (multi-start L-BFGS-B), `uncertainty` (Laplace, profile, bootstrap, identifiability), `forecast`
+(bands, goodness of fit, forecasts), `compare` (AIC/BIC across variants), `driver` (one fit end to end),
+`results` (fit dataset, JSON, tables), `plotting`, and `fit_command` (the CLI shell).
+
+Public JAX entry points need float64: `jax.config.update("jax_enable_x64", True)` at program start.
+"""

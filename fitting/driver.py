@@ -1,0 +1,191 @@
+"""One fit from observations to a self-contained result (the library function behind `qtm fit`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from fitting.forecast import Prediction, align, forecast_report, goodness_of_fit, predict
+from fitting.model import ModelSpec, Problem, build_problem
+from fitting.observations import Observations
+from fitting.optimize import OptimizationResult, minimize_multistart
+from fitting.uncertainty import Uncertainty, bootstrap, laplace, posterior_draws, profile
+from qtm.params import PARAM_NAMES, require_x64
+
+INTERVALS = ("laplace", "profile", "bootstrap")
+_IDX = {name: i for i, name in enumerate(PARAM_NAMES)}
+
+
+class FitError(RuntimeError):
+    """The optimization failed from every start; the message says what was tried."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Everything that decides a fit besides the data and the random key (stored in the fit's attrs)."""
+
+    spec: ModelSpec = ModelSpec()
+    interval: str = "laplace"
+    num_starts: int = 8
+    train_iterations: int | None = None
+    num_bootstrap: int = 200
+    num_draws: int = 1000
+
+    def validate(self) -> None:
+        self.spec.validate()
+        if self.interval not in INTERVALS:
+            raise ValueError(f"--interval must be one of {', '.join(INTERVALS)}; got {self.interval!r}")
+        if self.num_starts < 1:
+            raise ValueError(f"--starts must be >= 1; got {self.num_starts}")
+        if self.train_iterations is not None and self.train_iterations < 1:
+            raise ValueError(f"--train-iterations must be >= 1; got {self.train_iterations}")
+
+    def to_attrs(self) -> dict[str, str | int]:
+        spec = self.spec
+        return {
+            "model": spec.selection, "mutation": spec.mutation, "variance": spec.variance,
+            "objective": spec.objective, "free": ",".join(spec.free_names()),
+            "fixed": ",".join(f"{n}={v}" for n, v in spec.fixed), "shared": ",".join(spec.shared_names()),
+            "interval": self.interval, "num_starts": self.num_starts,
+            "train_iterations": -1 if self.train_iterations is None else self.train_iterations,
+            "num_bootstrap": self.num_bootstrap, "num_draws": self.num_draws,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """A finished fit: estimates and intervals per condition and parameter, diagnostics, trajectories."""
+
+    config: FitConfig
+    observations: Observations          # all observed iterations
+    train: Observations                 # those the fit used
+    problem: Problem
+    optimization: OptimizationResult
+    uncertainty: Uncertainty
+    estimate: np.ndarray                # (C, 7) natural values (fixed ones included)
+    lower: np.ndarray                   # (C, 7) (= estimate where fixed)
+    upper: np.ndarray
+    free: np.ndarray                    # (C, 7) bool
+    identified: np.ndarray              # (C, 7) bool (True where fixed)
+    prediction: Prediction
+    observed: dict[str, np.ndarray]     # aligned (C, K+1) n, mean, var
+    goodness_of_fit: dict[str, dict[str, float]]
+    forecast: dict[str, dict[str, float]] | None
+    information: dict[str, float]
+    warnings: tuple[str, ...]
+
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        return self.observations.conditions
+
+    @property
+    def shared(self) -> tuple[str, ...]:
+        return self.config.spec.shared_names()
+
+    def parameter_table(self) -> dict:
+        """{"conditions": {NAME: {PARAM: {estimate, lower, upper, free}}}, "shared": {PARAM: {...}}}."""
+        def entry(c, name):
+            i = _IDX[name]
+            return {"estimate": float(self.estimate[c, i]), "lower": float(self.lower[c, i]),
+                    "upper": float(self.upper[c, i]), "free": bool(self.free[c, i]),
+                    "identified": bool(self.identified[c, i])}
+        conditions = {name: {p: entry(c, p) for p in PARAM_NAMES if p not in self.shared}
+                      for c, name in enumerate(self.conditions)}
+        return {"conditions": conditions, "shared": {p: entry(0, p) for p in PARAM_NAMES if p in self.shared}}
+
+
+def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key: jax.Array,
+                     progress: Callable[[str, int], Callable[[], None]] | None = None) -> FitResult:
+    """Fit qtm's recursion to `obs` (MODEL.md section 6): multi-start optimization, intervals, bands,
+    goodness of fit and, with `config.train_iterations`, a forecast of the held-out iterations.
+
+    `progress(description, total)` may return a callback advanced once per unit of work.
+    Raises FitError when every start fails, ModelError / ObservationError on bad input.
+    """
+    require_x64()
+    config.validate()
+    if config.interval == "bootstrap" and obs.phenotypes is None:
+        from fitting.observations import ObservationError
+
+        raise ObservationError(f"{obs.source}: --interval bootstrap needs the per-image variable 'hf_power'; "
+                               "this dataset holds only the summary trio (use laplace or profile)")
+    train = obs if config.train_iterations is None else obs.restrict(config.train_iterations)
+    # The trajectory always runs to the last observed iteration (the forecast horizon); a training subset
+    # only removes cells from the objective.
+    problem = build_problem(train, config.spec, num_iterations=obs.max_iteration)
+    k_start, k_unc, k_draw, k_noise = jax.random.split(key, 4)
+
+    tick = progress("optimizing", config.num_starts) if progress else None
+    optimization = minimize_multistart(problem, num_starts=config.num_starts, key=k_start, progress=tick)
+    if not optimization.ok:
+        messages = "; ".join(sorted({s.message for s in optimization.starts}))
+        raise FitError(f"the optimization failed from all {len(optimization.starts)} starts ({messages}); "
+                       "try more --starts or fix poorly determined parameters with --fix")
+    u_hat, nll_hat = optimization.best.u, optimization.best.nll
+
+    unc = laplace(problem, u_hat, nll_hat)
+    if config.interval == "profile":
+        tick = progress("profiling", problem.layout.size) if progress else None
+        unc = profile(problem, u_hat, nll_hat, unc, progress=tick)
+    elif config.interval == "bootstrap":
+        tick = progress("bootstrapping", config.num_bootstrap) if progress else None
+        unc = bootstrap(problem, train, u_hat, unc, num_samples=config.num_bootstrap, key=k_unc, progress=tick)
+
+    draws = unc.samples if unc.samples is not None else posterior_draws(u_hat, unc.cov_u, config.num_draws,
+                                                                         key=k_draw)
+    k_full = obs.max_iteration
+    observed = align(obs, k_full)
+    noise = np.asarray(jax.random.normal(k_noise, (draws.shape[0],) + observed["mean"].shape))
+    prediction = predict(problem, u_hat, draws, observed["num_images"], noise=noise)
+
+    table = problem.natural(u_hat)
+    lower, upper = table.copy(), table.copy()
+    free = np.zeros_like(table, dtype=bool)
+    identified = np.ones_like(table, dtype=bool)
+    for i, (name, c) in enumerate(problem.layout.free):
+        rows = range(problem.layout.num_conditions) if c < 0 else [c]
+        for row in rows:
+            lower[row, _IDX[name]], upper[row, _IDX[name]] = unc.lower[i], unc.upper[i]
+            free[row, _IDX[name]] = True
+            identified[row, _IDX[name]] = unc.identified[i]
+
+    train_iterations = train.iterations
+    gof = goodness_of_fit(observed, prediction, train_iterations, obs.conditions)
+    forecast = None
+    if config.train_iterations is not None:
+        forecast = forecast_report(observed, prediction, config.train_iterations, obs.conditions)
+
+    warnings = list(obs.notes) + list(unc.warnings)
+    failed = [s for s in optimization.starts if s.status == "failed"]
+    if failed:
+        warnings.append(f"{len(failed)} of {len(optimization.starts)} starts failed ({failed[0].message})")
+    if optimization.best.status != "converged":
+        warnings.append(f"the best start ended with status '{optimization.best.status}' "
+                        f"({optimization.best.message})")
+    if len(optimization.starts) > 1 and optimization.agreeing_starts < 2:
+        warnings.append("only one start reached the best objective: the optimum may be local "
+                        "(try more --starts)")
+    info = information_criteria(problem, nll_hat)
+    return FitResult(config=config, observations=obs, train=train, problem=problem, optimization=optimization,
+                     uncertainty=unc, estimate=table, lower=lower, upper=upper, free=free, identified=identified,
+                     prediction=prediction, observed=observed, goodness_of_fit=gof, forecast=forecast,
+                     information=info, warnings=tuple(dict.fromkeys(warnings)))
+
+
+def information_criteria(problem: Problem, nll_hat: float) -> dict[str, float]:
+    """AIC = 2p + 2 NLL and BIC = p ln n + 2 NLL (n = phenotype values); for least squares the Gaussian
+    forms m ln(SSE / m) + 2p and m ln(SSE / m) + p ln m over the m cell means."""
+    p = problem.layout.size
+    if problem.layout.objective == "least-squares":
+        m = problem.num_cells
+        sse = 2.0 * nll_hat * float(problem.scale[1]) ** 2
+        base = m * math.log(max(sse, 1e-300) / m)
+        return {"objective": nll_hat, "num_free": p, "num_observations": m, "sse": sse,
+                "aic": base + 2 * p, "bic": base + p * math.log(m)}
+    n = problem.num_observations
+    return {"objective": nll_hat, "log_likelihood": -nll_hat, "num_free": p, "num_observations": n,
+            "aic": 2 * p + 2 * nll_hat, "bic": p * math.log(n) + 2 * nll_hat}

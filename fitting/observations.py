@@ -1,0 +1,392 @@
+"""Observations for the fit: per condition and iteration, the sufficient statistics of the phenotype.
+
+Reads the results contract of DESIGN.md ("The results contract"): a run directory holding `metrics.nc`, or a
+netCDF file, with either the per-image phenotype `hf_power` (condition, iteration, image; NaN = not produced)
+or the summary-only trio `hf_power_mean`, `hf_power_std`, `num_images` (condition, iteration). Only those
+variables, the coordinates `condition` and `iteration` and the attribute `schema_version` (= 1) are required,
+so a dataset written by hand with plain xarray works.
+
+Every problem is an `ObservationError` whose message names the file, the variable and the fix.
+
+The fit needs only the sufficient statistics of each (condition, iteration) cell: the number of images n,
+their mean and their sample variance s^2 (ddof = 1). `hf_power_std` of the summary form is read as that sample
+standard deviation (ddof = 1) unless the variable carries the attribute `ddof = 0`.
+
+Iteration 0 (the original images D_0) is the same real data for every condition (MODEL.md section 6), so it
+enters the likelihood once: conditions whose iteration-0 statistics coincide are merged, and distinct ones
+(e.g. different subsets of D_0) are pooled as one sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+PHENOTYPE = "hf_power"
+SUMMARY_VARIABLES = ("hf_power_mean", "hf_power_std", "num_images")
+
+
+class ObservationError(ValueError):
+    """A results dataset that cannot be fitted; the message names the file, the variable and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Observations:
+    """Sufficient statistics per (condition, iteration), plus the per-image phenotypes when available.
+
+    Attributes:
+        conditions: condition names, in dataset order.
+        iterations: (I,) observed iteration numbers, increasing, non-negative integers.
+        num_images: (C, I) images per cell (0 = no data there).
+        mean: (C, I) sample mean of the phenotype (NaN where num_images = 0).
+        var: (C, I) sample variance, ddof = 1 (NaN where num_images < 2).
+        phenotypes: (C, I, N) per-image phenotypes (NaN = missing), or None for the summary-only form.
+        source: where the data came from (for messages and provenance).
+        notes: remarks made while reading (e.g. pooled iteration 0).
+    """
+
+    conditions: tuple[str, ...]
+    iterations: np.ndarray
+    num_images: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    phenotypes: np.ndarray | None
+    source: str = "<memory>"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def num_conditions(self) -> int:
+        return len(self.conditions)
+
+    @property
+    def max_iteration(self) -> int:
+        return int(self.iterations.max())
+
+    def restrict(self, max_iteration: int) -> Observations:
+        """The observations of iterations <= max_iteration (the training part of a forecast)."""
+        keep = self.iterations <= max_iteration
+        if int(keep.sum()) < 2:
+            raise ObservationError(
+                f"{self.source}: --train-iterations {max_iteration} leaves {int(keep.sum())} iteration(s) "
+                f"(observed iterations {self.iterations.tolist()}); need at least 2 to fit"
+            )
+        return dataclasses.replace(
+            self,
+            iterations=self.iterations[keep],
+            num_images=self.num_images[:, keep],
+            mean=self.mean[:, keep],
+            var=self.var[:, keep],
+            phenotypes=None if self.phenotypes is None else self.phenotypes[:, keep],
+        )
+
+    def resample_images(self, image_index: np.ndarray) -> Observations:
+        """The observations recomputed on images `image_index` (a paired bootstrap draw: the same image
+        indices for every condition and iteration)."""
+        if self.phenotypes is None:
+            raise ObservationError(
+                f"{self.source}: a bootstrap over images needs the per-image variable '{PHENOTYPE}'; "
+                "this dataset holds only the summary trio (use --interval laplace or profile)"
+            )
+        return from_phenotypes(self.conditions, self.iterations, self.phenotypes[:, :, image_index],
+                               source=self.source)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellStatistics:
+    """The flat list of independent observations the likelihood sums over (iteration 0 counted once).
+
+    Arrays of shape (M,): condition index, iteration number, n, mean, sample variance (0 where n < 2).
+    """
+
+    condition_index: np.ndarray
+    iteration: np.ndarray
+    num_images: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+    @property
+    def num_observations(self) -> int:
+        """Total number of phenotype values behind the statistics (the n of BIC)."""
+        return int(self.num_images.sum())
+
+
+def cell_statistics(obs: Observations) -> CellStatistics:
+    """Flatten `obs` into independent cells; iteration 0 enters once (MODEL.md section 6).
+
+    Iteration 0 of all conditions is merged: identical statistics count once, distinct ones are pooled
+    (pooled n, mean, and ddof-1 variance of the union of the samples).
+    """
+    cond, it, n, mean, var = [], [], [], [], []
+    for j, iteration in enumerate(obs.iterations.tolist()):
+        if iteration == 0:
+            groups = _unique_cells(obs.num_images[:, j], obs.mean[:, j], obs.var[:, j])
+            if groups:
+                pn, pm, pv = _pool(groups)
+                cond.append(0), it.append(0), n.append(pn), mean.append(pm), var.append(pv)
+            continue
+        for c in range(obs.num_conditions):
+            if obs.num_images[c, j] > 0:
+                cond.append(c), it.append(iteration), n.append(obs.num_images[c, j])
+                mean.append(obs.mean[c, j])
+                var.append(obs.var[c, j] if obs.num_images[c, j] >= 2 else 0.0)
+    return CellStatistics(
+        condition_index=np.asarray(cond, dtype=np.int64),
+        iteration=np.asarray(it, dtype=np.int64),
+        num_images=np.asarray(n, dtype=np.float64),
+        mean=np.asarray(mean, dtype=np.float64),
+        var=np.asarray(var, dtype=np.float64),
+    )
+
+
+def _unique_cells(n: np.ndarray, mean: np.ndarray, var: np.ndarray) -> list[tuple[float, float, float]]:
+    seen: list[tuple[float, float, float]] = []
+    for nc, mc, vc in zip(n.tolist(), mean.tolist(), var.tolist()):
+        if nc <= 0:
+            continue
+        vc = 0.0 if nc < 2 else vc
+        if not any(nc == a and np.isclose(mc, b, rtol=1e-12, atol=0) and np.isclose(vc, c, rtol=1e-12, atol=0)
+                   for a, b, c in seen):
+            seen.append((nc, mc, vc))
+    return seen
+
+
+def _pool(groups: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """n, mean and ddof-1 variance of the union of samples given by (n, mean, var) each."""
+    n = np.array([g[0] for g in groups], dtype=np.float64)
+    m = np.array([g[1] for g in groups])
+    v = np.array([g[2] for g in groups])
+    total = n.sum()
+    grand = float((n * m).sum() / total)
+    ss = float(((n - 1) * v).sum() + (n * (m - grand) ** 2).sum())
+    return float(total), grand, ss / (total - 1) if total > 1 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+def from_phenotypes(conditions, iterations, phenotypes, *, source: str = "<memory>") -> Observations:
+    """Observations from per-image phenotypes (C, I, N); NaN marks an image not produced."""
+    x = np.asarray(phenotypes, dtype=np.float64)
+    valid = np.isfinite(x)
+    n = valid.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = np.where(valid, x, 0.0).sum(axis=-1)
+        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        dev = np.where(valid, x - mean[..., None], 0.0)
+        var = np.where(n > 1, (dev**2).sum(axis=-1) / np.maximum(n - 1, 1), np.nan)
+    return Observations(
+        conditions=tuple(str(c) for c in conditions),
+        iterations=np.asarray(iterations, dtype=np.int64),
+        num_images=n.astype(np.int64),
+        mean=mean,
+        var=var,
+        phenotypes=x,
+        source=source,
+    )
+
+
+def from_summary(conditions, iterations, mean, std, num_images, *, ddof: int = 1,
+                 source: str = "<memory>") -> Observations:
+    """Observations from the summary trio (C, I) each; std with the given ddof (1 = sample sd)."""
+    n = np.asarray(num_images, dtype=np.float64)
+    n = np.where(np.isfinite(n), n, 0.0).astype(np.int64)
+    m = np.where(n > 0, np.asarray(mean, dtype=np.float64), np.nan)
+    sd = np.asarray(std, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = sd**2 * (n - ddof) / np.maximum(n - 1, 1) if ddof == 0 else sd**2
+        var = np.where(n > 1, var, np.nan)
+    return Observations(
+        conditions=tuple(str(c) for c in conditions),
+        iterations=np.asarray(iterations, dtype=np.int64),
+        num_images=n,
+        mean=m,
+        var=var,
+        phenotypes=None,
+        source=source,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+def resolve_path(path: str | Path) -> Path:
+    """A run directory (results/NAME, holding metrics.nc) or a .nc file."""
+    p = Path(path)
+    if p.is_dir():
+        candidate = p / "metrics.nc"
+        if not candidate.is_file():
+            raise ObservationError(f"{p}: directory holds no metrics.nc; pass a run directory "
+                                   "(results/NAME) or a .nc file")
+        return candidate
+    if not p.exists():
+        raise ObservationError(f"{p}: no such file or directory; pass a run directory (results/NAME) "
+                               "or a .nc file")
+    return p
+
+
+def load_observations(path: str | Path) -> Observations:
+    """Read and validate a results dataset (see the module docstring). Raises ObservationError."""
+    import xarray as xr
+
+    file = resolve_path(path)
+    try:
+        with xr.open_dataset(file, engine="h5netcdf") as ds:
+            ds = ds.load()
+    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
+        raise ObservationError(f"{file}: cannot read as a netCDF4/HDF5 dataset ({type(exc).__name__}: "
+                               f"{exc}); write it with xarray's to_netcdf(engine='h5netcdf')") from exc
+    return observations_from_dataset(ds, source=str(file))
+
+
+def observations_from_dataset(ds: Any, *, source: str = "<dataset>") -> Observations:
+    """Validate an xarray Dataset of the results contract and extract its observations."""
+    _check_schema(ds, source)
+    for coord in ("condition", "iteration"):
+        if coord not in ds.coords and coord not in ds.dims:
+            raise ObservationError(f"{source}: coordinate '{coord}' is missing; the fit needs the dimensions "
+                                   "'condition' and 'iteration' (DESIGN.md, the results contract)")
+    conditions = [str(c) for c in np.asarray(ds["condition"].values).tolist()]
+    if len(set(conditions)) != len(conditions):
+        raise ObservationError(f"{source}: coordinate 'condition' has repeated names {conditions}")
+    iterations = np.asarray(ds["iteration"].values)
+    if not np.issubdtype(iterations.dtype, np.number) or np.any(iterations < 0) \
+            or np.any(iterations != np.round(iterations)):
+        raise ObservationError(f"{source}: coordinate 'iteration' must hold non-negative integers, "
+                               f"got {iterations.tolist()}")
+    iterations = iterations.astype(np.int64)
+    order = np.argsort(iterations, kind="stable")
+    if len(np.unique(iterations)) != len(iterations):
+        raise ObservationError(f"{source}: coordinate 'iteration' has repeated values {iterations.tolist()}")
+
+    if PHENOTYPE in ds.data_vars:
+        obs = _from_phenotype_variable(ds, conditions, iterations, order, source)
+    else:
+        present = [v for v in SUMMARY_VARIABLES if v in ds.data_vars]
+        if not present:
+            raise ObservationError(
+                f"{source}: variable '{PHENOTYPE}' is missing (and so is the summary trio "
+                f"{', '.join(SUMMARY_VARIABLES)}); the fit needs per-image phenotypes '{PHENOTYPE}' "
+                "(condition, iteration, image) or the summary trio (condition, iteration)")
+        missing = [v for v in SUMMARY_VARIABLES if v not in ds.data_vars]
+        if missing:
+            raise ObservationError(f"{source}: variable '{missing[0]}' is missing; the summary-only form needs "
+                                   f"all of {', '.join(SUMMARY_VARIABLES)} over (condition, iteration)")
+        obs = _from_summary_variables(ds, conditions, iterations, order, source)
+    _check_content(obs, source)
+    return _note_iteration_zero(obs)
+
+
+def _check_schema(ds, source: str) -> None:
+    version = ds.attrs.get("schema_version")
+    if version is None:
+        raise ObservationError(f"{source}: attribute 'schema_version' is missing; set "
+                               f"ds.attrs['schema_version'] = {SCHEMA_VERSION} (DESIGN.md, the results contract)")
+    try:
+        value = np.asarray(version).item()
+        ok = float(value) == SCHEMA_VERSION
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ObservationError(f"{source}: attribute 'schema_version' is {version!r}; this version of qtm fit "
+                               f"reads schema_version {SCHEMA_VERSION}")
+
+
+def _ordered(da, dims: tuple[str, ...], source: str, name: str) -> np.ndarray:
+    missing = [d for d in dims if d not in da.dims]
+    extra = [d for d in da.dims if d not in dims]
+    if missing or extra:
+        raise ObservationError(f"{source}: variable '{name}' has dimensions {tuple(da.dims)}; expected "
+                               f"{dims}")
+    try:
+        values = np.asarray(da.transpose(*dims).values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ObservationError(f"{source}: variable '{name}' is not numeric ({da.dtype})") from exc
+    return values
+
+
+def _from_phenotype_variable(ds, conditions, iterations, order, source) -> Observations:
+    da = ds[PHENOTYPE]
+    if "image" not in da.dims and set(da.dims) == {"condition", "iteration"}:
+        raise ObservationError(f"{source}: variable '{PHENOTYPE}' has no 'image' dimension; per-image "
+                               "phenotypes are (condition, iteration, image), summaries go in "
+                               f"{', '.join(SUMMARY_VARIABLES)}")
+    x = _ordered(da, ("condition", "iteration", "image"), source, PHENOTYPE)[:, order]
+    if np.any(np.isinf(x)):
+        raise ObservationError(f"{source}: variable '{PHENOTYPE}' holds infinite values; use NaN for images "
+                               "not produced")
+    if np.any(x < 0):
+        c, k, i = np.argwhere(x < 0)[0]
+        raise ObservationError(f"{source}: variable '{PHENOTYPE}' holds negative phenotypes (e.g. "
+                               f"{x[c, k, i]:.4g} at condition '{conditions[c]}', iteration "
+                               f"{iterations[order][k]}, image {i}); the phenotype is a power fraction >= 0")
+    if not np.any(np.isfinite(x)):
+        raise ObservationError(f"{source}: variable '{PHENOTYPE}' holds only NaN (no image measured yet)")
+    return from_phenotypes(conditions, iterations[order], x, source=source)
+
+
+def _from_summary_variables(ds, conditions, iterations, order, source) -> Observations:
+    dims = ("condition", "iteration")
+    mean = _ordered(ds["hf_power_mean"], dims, source, "hf_power_mean")[:, order]
+    std = _ordered(ds["hf_power_std"], dims, source, "hf_power_std")[:, order]
+    num = _ordered(ds["num_images"], dims, source, "num_images")[:, order]
+    for name, values in (("hf_power_mean", mean), ("hf_power_std", std), ("num_images", num)):
+        if np.any(np.isinf(values)):
+            raise ObservationError(f"{source}: variable '{name}' holds infinite values; use NaN for "
+                                   "cells not produced")
+        if np.any(values < 0):
+            raise ObservationError(f"{source}: variable '{name}' holds negative values; it must be >= 0")
+    num0 = np.where(np.isfinite(num), num, 0.0)
+    if np.any(num0 != np.round(num0)):
+        raise ObservationError(f"{source}: variable 'num_images' must hold whole numbers of images")
+    have = num0 > 0
+    if not np.any(have & np.isfinite(mean)):
+        raise ObservationError(f"{source}: variable 'hf_power_mean' holds only NaN (or num_images is 0 "
+                               "everywhere)")
+    if np.any(have & ~np.isfinite(mean)):
+        raise ObservationError(f"{source}: variable 'hf_power_mean' is NaN where num_images > 0; set "
+                               "num_images to 0 for cells without data")
+    if np.any((num0 > 1) & ~np.isfinite(std)):
+        raise ObservationError(f"{source}: variable 'hf_power_std' is NaN where num_images > 1")
+    ddof = int(ds["hf_power_std"].attrs.get("ddof", 1))
+    if ddof not in (0, 1):
+        raise ObservationError(f"{source}: variable 'hf_power_std' has attribute ddof={ddof}; use 0 or 1")
+    return from_summary(conditions, iterations[order], mean, std, num0, ddof=ddof, source=source)
+
+
+def _check_content(obs: Observations, source: str) -> None:
+    name = PHENOTYPE if obs.phenotypes is not None else "hf_power_mean"
+    have_iteration = (obs.num_images > 0).any(axis=0)
+    if int(have_iteration.sum()) < 2:
+        raise ObservationError(f"{source}: variable '{name}' has data at {int(have_iteration.sum())} "
+                               f"iteration(s) ({obs.iterations[have_iteration].tolist()}); the fit needs at "
+                               "least 2 iterations")
+    for c, condition in enumerate(obs.conditions):
+        later = (obs.iterations > 0) & (obs.num_images[c] > 0)
+        if not later.any():
+            raise ObservationError(f"{source}: variable '{name}' has no data for condition '{condition}' at "
+                                   "any iteration >= 1; drop that condition from the dataset "
+                                   "(ds.drop_sel(condition=...))")
+
+
+def _note_iteration_zero(obs: Observations) -> Observations:
+    where = np.flatnonzero(obs.iterations == 0)
+    if where.size == 0:
+        return dataclasses.replace(obs, notes=obs.notes + (
+            "no iteration 0: mu0 and sigma_g0 are inferred from later iterations only",))
+    j = int(where[0])
+    groups = _unique_cells(obs.num_images[:, j], obs.mean[:, j], obs.var[:, j])
+    if len(groups) > 1:
+        return dataclasses.replace(obs, notes=obs.notes + (
+            f"iteration 0 differs between conditions ({len(groups)} distinct samples); pooled as one sample "
+            "of D_0",))
+    return obs
+
+
+def observed_summary(obs: Observations) -> dict[str, np.ndarray]:
+    """Per (condition, iteration): n, mean, sd and the standard error of the mean (for tables and plots)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sd = np.sqrt(obs.var)
+        se = sd / np.sqrt(obs.num_images)
+    return {"num_images": obs.num_images, "mean": obs.mean, "sd": sd, "se": se}

@@ -1,0 +1,246 @@
+"""The fit as data: the fit dataset (fit.nc), the JSON summary and the terminal tables.
+
+fit.nc (one xarray Dataset, dims `condition`, `iteration`, `parameter`, `free_parameter`,
+`free_parameter_b`, `start`):
+- estimate, lower, upper, free, identified (condition, parameter): natural values, 95 % interval;
+  fixed parameters have lower = upper = estimate and free = False; `shared` (parameter) flags shared ones.
+- covariance, correlation (free_parameter, free_parameter_b): natural-scale delta-method covariance of the
+  free entries (labels like `r1[cfg7.5]`, `mu0`); `hessian_eigenvalue` (free_parameter).
+- observed_num_images, observed_mean, observed_sd (condition, iteration) and `train` (iteration).
+- fitted_mean, fitted_var, mean_lower, mean_upper (parameter-uncertainty band), predict_lower,
+  predict_upper (band for the mean of n new images), var_lower, var_upper (condition, iteration).
+- start_objective, start_status (start): the multi-start record.
+- attrs: provenance (source, qtm version, git revision, created_at, seed, the configuration),
+  information criteria, warnings (JSON), goodness of fit, forecast and model comparison (JSON strings).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fitting.driver import FitResult
+from qtm.params import PARAM_NAMES
+
+FIT_SCHEMA_VERSION = 1
+
+
+def provenance() -> dict[str, str]:
+    """Package versions, git revision and creation time for dataset attrs."""
+    from importlib import metadata
+
+    out = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for package in ("qtm", "jax", "numpy", "scipy", "xarray"):
+        try:
+            out[f"version_{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[f"version_{package}"] = "unknown"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        out["git_revision"] = rev.stdout.strip() if rev.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        out["git_revision"] = "unknown"
+    return out
+
+
+def _finite_or_none(x: float) -> float | None | str:
+    x = float(x)
+    if math.isnan(x):
+        return None
+    return x
+
+
+def to_json(result: FitResult, *, comparison: list[dict] | None = None) -> dict[str, Any]:
+    """The `--json` object: {"conditions": ..., "shared": ..., "diagnostics": ...}."""
+    table = result.parameter_table()
+    unc = result.uncertainty
+    labels = result.problem.layout.labels(result.conditions)
+    diagnostics = {
+        "model": result.config.spec.selection,
+        "mutation": result.config.spec.mutation,
+        "objective": result.config.spec.objective,
+        "variance": result.config.spec.variance,
+        "interval": unc.method,
+        "warnings": list(result.warnings),
+        "not_identified": [labels[i] for i in np.flatnonzero(~unc.identified)],
+        "information": result.information,
+        "goodness_of_fit": result.goodness_of_fit,
+        "starts": [{"objective": s.nll, "status": s.status, "iterations": s.num_iterations}
+                   for s in result.optimization.starts],
+        "correlation": {"labels": list(labels), "matrix": np.round(unc.correlation, 6).tolist()},
+        "iterations_used": result.train.iterations.tolist(),
+    }
+    if result.forecast is not None:
+        diagnostics["forecast"] = result.forecast
+    if comparison is not None:
+        diagnostics["model_comparison"] = comparison
+    return {"conditions": table["conditions"], "shared": table["shared"], "diagnostics": diagnostics}
+
+
+def to_dataset(result: FitResult, *, seed: int | None = None, comparison: list[dict] | None = None,
+               command: str | None = None):
+    """The fit dataset (module docstring)."""
+    import xarray as xr
+
+    conditions = list(result.conditions)
+    iterations = result.prediction.iterations
+    labels = list(result.problem.layout.labels(result.conditions))
+    unc = result.uncertainty
+    obs = result.observed
+    cp = ("condition", "parameter")
+    ci = ("condition", "iteration")
+    pred = result.prediction
+    train = np.isin(iterations, result.train.iterations)
+    with np.errstate(invalid="ignore"):
+        observed_sd = np.sqrt(obs["var"])
+    ds = xr.Dataset(
+        data_vars={
+            "estimate": (cp, result.estimate, {"long_name": "point estimate (natural scale)"}),
+            "lower": (cp, result.lower, {"long_name": f"lower end of the 95 % interval ({unc.method})"}),
+            "upper": (cp, result.upper, {"long_name": f"upper end of the 95 % interval ({unc.method})"}),
+            "free": (cp, result.free),
+            "identified": (cp, result.identified),
+            "shared": (("parameter",), np.array([p in result.shared for p in PARAM_NAMES])),
+            "covariance": (("free_parameter", "free_parameter_b"), unc.covariance,
+                           {"long_name": "delta-method covariance of the free entries (natural scale)"}),
+            "correlation": (("free_parameter", "free_parameter_b"), unc.correlation),
+            "hessian_eigenvalue": (("free_parameter",), unc.hessian_eigenvalues,
+                                   {"long_name": "eigenvalues of the objective's Hessian in unconstrained space"}),
+            "observed_num_images": (ci, obs["num_images"].astype(np.int64)),
+            "observed_mean": (ci, obs["mean"]),
+            "observed_sd": (ci, observed_sd, {"long_name": "sample sd, ddof 1"}),
+            "train": (("iteration",), train, {"long_name": "iteration used by the fit"}),
+            "fitted_mean": (ci, pred.mean),
+            "fitted_var": (ci, pred.var, {"long_name": f"fitted V_{'G' if result.config.spec.variance == 'genetic' else 'P'}"}),
+            "mean_lower": (ci, pred.mean_lower, {"long_name": "2.5 % of mu_k over parameter draws"}),
+            "mean_upper": (ci, pred.mean_upper),
+            "predict_lower": (ci, pred.predict_lower,
+                              {"long_name": "2.5 % of the mean of n new images (parameters + sampling)"}),
+            "predict_upper": (ci, pred.predict_upper),
+            "var_lower": (ci, pred.var_lower),
+            "var_upper": (ci, pred.var_upper),
+            "start_objective": (("start",), np.array([s.nll for s in result.optimization.starts])),
+            "start_status": (("start",), np.array([s.status for s in result.optimization.starts], dtype=object)),
+        },
+        coords={
+            "condition": conditions,
+            "iteration": iterations,
+            "parameter": list(PARAM_NAMES),
+            "free_parameter": labels,
+            "free_parameter_b": labels,
+            "start": np.arange(len(result.optimization.starts)),
+        },
+    )
+    attrs: dict[str, Any] = {"fit_schema_version": FIT_SCHEMA_VERSION, "source": result.observations.source,
+                             "description": "qtm fit: qtm's moment recursion fitted to per-iteration phenotypes "
+                                            "(MODEL.md section 6)"}
+    attrs.update(provenance())
+    attrs.update(result.config.to_attrs())
+    if seed is not None:
+        attrs["seed"] = int(seed)
+    if command is not None:
+        attrs["command"] = command
+    for key, value in result.information.items():
+        attrs[f"information_{key}"] = float(value)
+    attrs["warnings"] = json.dumps(list(result.warnings))
+    attrs["goodness_of_fit"] = json.dumps(result.goodness_of_fit)
+    if result.forecast is not None:
+        attrs["forecast"] = json.dumps(result.forecast)
+    if comparison is not None:
+        attrs["model_comparison"] = json.dumps(comparison)
+    ds.attrs.update(attrs)
+    return ds
+
+
+def write_fit(result: FitResult, path: str | Path, **kwargs) -> Path:
+    """Write the fit dataset atomically (temp file in the same directory, then os.replace)."""
+    ds = to_dataset(result, **kwargs)
+    ds["start_status"] = ds["start_status"].astype(str)
+    from qtm.dataset import write_netcdf_atomic
+
+    return write_netcdf_atomic(ds, path)
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+def _fmt(x: float) -> str:
+    if not np.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    return f"{x:.4g}"
+
+
+def render_tables(result: FitResult, console, *, comparison: list[dict] | None = None) -> None:
+    """Rich tables: parameters with intervals, goodness of fit, forecast, comparison, warnings."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    spec = result.config.spec
+    title = (f"qtm fit: {spec.selection} selection, mutation {spec.mutation}, {spec.objective}, "
+             f"{result.uncertainty.method} 95 % intervals")
+    table = Table(title=title)
+    for col in ("parameter", "condition", "estimate", "95 % interval", ""):
+        table.add_column(col, justify="right" if col in ("estimate",) else "left")
+    for name in PARAM_NAMES:
+        i = PARAM_NAMES.index(name)
+        rows = [(0, "(shared)")] if name in result.shared else list(enumerate(result.conditions))
+        for c, label in rows:
+            if result.free[c, i]:
+                interval = f"[{_fmt(result.lower[c, i])}, {_fmt(result.upper[c, i])}]"
+                flag = "" if result.identified[c, i] else "[red]not identified[/red]"
+            else:
+                interval, flag = "fixed", ""
+            table.add_row(name, escape(label), _fmt(result.estimate[c, i]), interval, flag)
+    console.print(table)
+
+    gof = Table(title="goodness of fit (iterations used, >= 1)")
+    for col in ("condition", "iterations", "chi2 means", "p", "max |z|", "variance deviance", "p"):
+        gof.add_column(col)
+    for name, row in result.goodness_of_fit.items():
+        gof.add_row(escape(name), str(row["num_iterations"]), _fmt(row["mean_chi2"]), _fmt(row["mean_chi2_pvalue"]),
+                    _fmt(row["max_abs_z"]), _fmt(row["variance_deviance"]), _fmt(row["variance_deviance_pvalue"]))
+    console.print(gof)
+    labels = result.problem.layout.labels(result.conditions)
+    corr = result.uncertainty.correlation
+    strong = [f"{labels[i]} ~ {labels[j]} {corr[i, j]:+.2f}" for i in range(len(labels))
+              for j in range(i + 1, len(labels)) if np.isfinite(corr[i, j]) and abs(corr[i, j]) >= 0.9]
+    if strong:
+        console.print("strong correlations (|rho| >= 0.9): " + escape("; ".join(strong)))
+    info = result.information
+    console.print(f"objective {info['objective']:.6g}   free parameters {info['num_free']}   "
+                  f"AIC {info['aic']:.6g}   BIC {info['bic']:.6g}")
+
+    if result.forecast is not None:
+        fc = Table(title=f"forecast of iterations > {result.config.train_iterations}")
+        for col in ("condition", "held out", "inside 95 % band", "mean change obs", "mean change pred [95 %]",
+                    "var ratio obs", "var ratio pred [95 %]"):
+            fc.add_column(col)
+        for name, row in result.forecast.items():
+            if row.get("num_held_out", 0) == 0:
+                fc.add_row(escape(name), "0", "", "", "", "", "")
+                continue
+            fc.add_row(escape(name), str(row["num_held_out"]), f"{row['fraction_inside_band']:.0%}",
+                       _fmt(row["observed_mean_change"]),
+                       f"{_fmt(row['predicted_mean_change'])} [{_fmt(row['predicted_mean_change_lower'])}, "
+                       f"{_fmt(row['predicted_mean_change_upper'])}]",
+                       _fmt(row["observed_var_ratio"]),
+                       f"{_fmt(row['predicted_var_ratio'])} [{_fmt(row['predicted_var_ratio_lower'])}, "
+                       f"{_fmt(row['predicted_var_ratio_upper'])}]")
+        console.print(fc)
+
+    if comparison is not None:
+        cmp_table = Table(title="model comparison (lower is better)")
+        for col in ("model", "mutation", "free", "AIC", "dAIC", "BIC", "dBIC", "status"):
+            cmp_table.add_column(col)
+        for row in comparison:
+            cmp_table.add_row(row["model"], row["mutation"], str(row["num_free"]), _fmt(row["aic"]),
+                              _fmt(row["delta_aic"]), _fmt(row["bic"]), _fmt(row["delta_bic"]), row["status"])
+        console.print(cmp_table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")

@@ -1,0 +1,293 @@
+"""How well each parameter is determined: Laplace, profile likelihood, paired bootstrap; identifiability.
+
+Report scale. Intervals are formed on the scale where each parameter is unbounded (logit for r1, r2; log for
+the standard deviations and tail_rate; identity for mu0) and mapped back, so they respect the bounds.
+
+Laplace (default). H = Hessian of the objective at the optimum u* in the unconstrained vector u. The
+covariance of u is H^-1 (likelihood) or sigma2_hat H^-1 with sigma2_hat = 2 f(u*) / (m - p) (least squares:
+m cell means, p free parameters, the usual nonlinear least-squares estimate). By the delta method the
+report-scale value g_i has variance J_i Cov_u J_i^T (J = dg/du), and the 95 % interval is
+g^-1(g_i +- 1.96 sd_i). The covariance and correlations of the natural parameters use J = dtheta/du.
+Directions where H is near-singular (eigenvalue < 1e-9 of the largest, or negative) get a variance floor
+that makes them wide, and the parameters loading on them are flagged.
+
+Profile. For each free entry, the entry is pinned on its report scale and the objective minimized over
+the rest; the interval is where the profile rises by chi2_1(0.95) / 2 = 1.92 (likelihood objective) above
+the minimum. A profile that does not rise that far within the search is flat: the parameter is not
+identified and the interval runs to the search limit (or to the bound, e.g. 0 for r2).
+
+Bootstrap. Images are resampled with replacement with the same image indices for every condition and
+iteration (paired over images: iteration 0 stays shared), the fit is repeated from the optimum, and the
+2.5 % / 97.5 % percentiles of each parameter form the interval.
+
+Identifiability warning: a free parameter is "not identified" when its report-scale sd exceeds 2 (the
+95 % interval spans more than a factor e^7.8 in odds or scale), when it loads on a near-singular
+direction of H, or when its profile is flat. For r1, r2 and sigma_mut the value 0 is tested directly: if
+setting it to 0 raises the objective by less than 1.92 (conditionally, the others held at the optimum, or,
+when that rise is moderate, along the profile), the data cannot tell it from 0: the parameter is flagged
+and the lower end of its interval becomes 0 (the likelihood-ratio region contains 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import scipy.optimize
+
+from fitting.model import (
+    Problem,
+    free_values,
+    from_report_scale,
+    profile_value_and_grad,
+    reduce_vector,
+    report_jacobian,
+    report_scale,
+)
+from fitting.observations import Observations
+from fitting.optimize import local_minimize
+
+Z95 = 1.959963984540054
+CHI2_HALF = 1.920729410347062   # chi2_1(0.95) / 2
+SD_FLAT = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Uncertainty:
+    """Intervals and diagnostics of the free entries (order of problem.layout.free)."""
+
+    method: str
+    estimate: np.ndarray            # (P,) natural values
+    lower: np.ndarray               # (P,)
+    upper: np.ndarray               # (P,)
+    report_sd: np.ndarray           # (P,) Laplace sd on the report scale
+    cov_u: np.ndarray               # (P, P) Laplace covariance of u
+    covariance: np.ndarray          # (P, P) natural-scale covariance (delta method)
+    correlation: np.ndarray         # (P, P)
+    hessian_eigenvalues: np.ndarray
+    identified: np.ndarray          # (P,) bool
+    warnings: tuple[str, ...]
+    samples: np.ndarray | None = None   # (S, P) bootstrap replicates of u, when bootstrapped
+
+
+def laplace(problem: Problem, u_hat: np.ndarray, nll_hat: float) -> Uncertainty:
+    """Laplace intervals and identifiability diagnostics (module docstring)."""
+    u_hat = np.asarray(u_hat, dtype=np.float64)
+    p = u_hat.size
+    hessian = problem.hessian(u_hat)
+    if problem.layout.objective == "least-squares":
+        dof = problem.num_cells - p
+        sigma2 = 2.0 * nll_hat / dof if dof > 0 else math.nan
+    else:
+        dof, sigma2 = None, 1.0
+    eigval, eigvec = np.linalg.eigh(hessian)
+    top = max(float(np.max(np.abs(eigval))), 1e-300)
+    floor = 1e-9 * top
+    singular = eigval < floor
+    cov_u = (eigvec / np.maximum(eigval, floor)) @ eigvec.T * sigma2
+    jac_report, jac_natural = report_jacobian(u_hat, problem.fixed, problem.scale, problem.layout)
+    report_var = np.einsum("ij,jk,ik->i", jac_report, cov_u, jac_report)
+    report_sd = np.sqrt(np.maximum(report_var, 0.0))
+    estimate = free_values(problem.natural(u_hat), problem.layout)
+    lower, upper = np.empty(p), np.empty(p)
+    for i, (name, _) in enumerate(problem.layout.free):
+        g = float(report_scale(name, estimate[i]))
+        lower[i] = from_report_scale(name, g - Z95 * report_sd[i])
+        upper[i] = from_report_scale(name, g + Z95 * report_sd[i])
+    covariance = jac_natural @ cov_u @ jac_natural.T
+    sd = np.sqrt(np.maximum(np.diag(covariance), 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        correlation = covariance / np.outer(sd, sd)
+    labels = problem.layout.labels(problem.conditions)
+    warnings: list[str] = []
+    identified = np.ones(p, dtype=bool)
+    if dof is not None and dof <= 0:
+        warnings.append(f"least squares with {problem.num_cells} means and {p} free parameters leaves no "
+                        "residual degrees of freedom: intervals are undefined (fix some parameters)")
+        identified[:] = False
+    if singular.any():
+        loading = np.abs(eigvec[:, singular]).max(axis=1) > 0.3
+        involved = [labels[i] for i in np.flatnonzero(loading)]
+        identified &= ~loading
+        warnings.append(f"near-singular curvature ({int(singular.sum())} direction(s), eigenvalue ratio "
+                        f"{eigval.min() / top:.1e}): not identified together: {', '.join(involved)}")
+    for i in np.flatnonzero(report_sd > SD_FLAT):
+        identified[i] = False
+        warnings.append(f"{labels[i]} is not identified: its 95 % interval [{lower[i]:.3g}, {upper[i]:.3g}] "
+                        f"spans a factor of 10^{2 * Z95 * report_sd[i] / math.log(10):.1f} "
+                        "(flat likelihood; --interval profile gives a likelihood-based interval)")
+    for i, delta, how in _zero_tests(problem, u_hat, nll_hat):
+        identified[i] = False
+        lower[i] = 0.0
+        warnings.append(f"{labels[i]} = {estimate[i]:.3g} is indistinguishable from 0 ({how} log-likelihood "
+                        f"ratio at 0: {delta:.2f} < 1.92); its interval is extended down to 0")
+    return Uncertainty("laplace", estimate, lower, upper, report_sd, cov_u, covariance, correlation, eigval,
+                       identified, tuple(warnings))
+
+
+def _zero_tests(problem: Problem, u_hat, nll_hat) -> list[tuple[int, float, str]]:
+    """Can r1, r2, sigma_mut be told from 0? (index, rise of the objective at 0, how it was measured).
+
+    First the conditional rise (the others held at u*; u_i = -inf maps to exactly 0). It bounds the profile
+    rise from above, so a conditional rise below 1.92 settles it. A moderate conditional rise (< 200) is
+    followed by the profile rise at 0 (the others re-optimized), which decides.
+    """
+    if problem.layout.objective != "likelihood":
+        return []
+    out = []
+    for i, (name, _) in enumerate(problem.layout.free):
+        if name not in ("r1", "r2", "sigma_mut"):
+            continue
+        zeroed = np.array(u_hat, dtype=np.float64)
+        zeroed[i] = -np.inf
+        delta = problem.value_and_grad(zeroed)[0] - nll_hat
+        if not np.isfinite(delta):
+            continue
+        if delta < CHI2_HALF:
+            out.append((i, delta, "conditional"))
+        elif delta < 200.0 and problem.layout.size > 1:
+            value, _ = _profile_point(problem, reduce_vector(u_hat, i), _ZERO_REPORT, i)
+            if np.isfinite(value) and value - nll_hat < CHI2_HALF:
+                out.append((i, value - nll_hat, "profile"))
+    return out
+
+
+_ZERO_REPORT = -60.0   # logit / log of ~1e-26: zero to every digit that matters here
+
+
+def posterior_draws(u_hat: np.ndarray, cov_u: np.ndarray, num: int, *, key: jax.Array) -> np.ndarray:
+    """Draws of u from the Laplace approximation N(u*, Cov_u), (num, P)."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    return rng.multivariate_normal(np.asarray(u_hat), np.asarray(cov_u), size=num, method="eigh")
+
+
+# ------------------------------------------------------------------------------------------------ profile
+
+def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertainty, *,
+            max_steps: int = 12, progress=None) -> Uncertainty:
+    """Profile-likelihood intervals (module docstring); Laplace quantities are kept for the rest."""
+    labels = problem.layout.labels(problem.conditions)
+    p = len(labels)
+    lower, upper = base.lower.copy(), base.upper.copy()
+    identified = base.identified.copy()
+    warnings = list(base.warnings)
+    threshold = CHI2_HALF if problem.layout.objective == "likelihood" else None
+    if threshold is None:
+        # Least squares: profile F-type threshold on the scaled objective: delta f = sigma2_hat * 1.92.
+        dof = problem.num_cells - p
+        threshold = (2.0 * nll_hat / dof) * CHI2_HALF if dof > 0 else math.inf
+    for i, (name, _) in enumerate(problem.layout.free):
+        if p == 1:
+            warnings.append("profile needs 2 or more free parameters; Laplace interval kept")
+            break
+        g_hat = float(report_scale(name, base.estimate[i]))
+        step = float(np.clip(0.75 * base.report_sd[i], 1e-3, 1.0)) if np.isfinite(base.report_sd[i]) else 0.5
+        bounds, flat = [], False
+        for direction in (-1.0, 1.0):
+            w = reduce_vector(u_hat, i)
+            w_prev = w
+            g_prev, d_prev = g_hat, 0.0
+            bound = None
+            for k in range(1, max_steps + 1):
+                g = g_hat + direction * step * k * (1.0 + 0.25 * k)
+                value, w_new = _profile_point(problem, w, g, i)
+                if not np.isfinite(value):
+                    break
+                w = w_new
+                d = value - nll_hat
+                if d < -1e-3:
+                    warnings.append(f"profile of {labels[i]} found a lower objective ({d:.3g}): the optimum "
+                                    "may be a local one (try more --starts)")
+                if d >= threshold:
+                    bound = _refine_crossing(problem, i, nll_hat, threshold, (g_prev, d_prev), (g, d), w_prev)
+                    break
+                w_prev = w
+                g_prev, d_prev = g, d
+            if bound is None:
+                flat = True
+                # A flat fall towards the bound runs to it (r -> 0, sd -> 0); otherwise the search limit.
+                bound = -math.inf if (direction < 0 and name != "mu0") else g_prev
+            bounds.append(bound)
+        lower[i] = float(from_report_scale(name, bounds[0]))
+        upper[i] = float(from_report_scale(name, bounds[1]))
+        if flat:
+            identified[i] = False
+            warnings.append(f"{labels[i]} is not identified: flat profile (the log-likelihood changes by less "
+                            f"than 1.92 out to [{lower[i]:.3g}, {upper[i]:.3g}])")
+        if progress is not None:
+            progress()
+    return dataclasses.replace(base, method="profile", lower=lower, upper=upper, identified=identified,
+                               warnings=tuple(dict.fromkeys(warnings)))
+
+
+def _refine_crossing(problem, index, nll_hat, threshold, inside, outside, w, steps: int = 6) -> float:
+    """Bisection for the report-scale value where the profile crosses `threshold` (bracket given), then
+    linear interpolation within the final bracket."""
+    (g_in, d_in), (g_out, d_out) = inside, outside
+    for _ in range(steps):
+        g_mid = 0.5 * (g_in + g_out)
+        value, w_mid = _profile_point(problem, w, g_mid, index)
+        if not np.isfinite(value):
+            break
+        d_mid = value - nll_hat
+        if d_mid >= threshold:
+            g_out, d_out = g_mid, d_mid
+        else:
+            g_in, d_in, w = g_mid, d_mid, w_mid
+    frac = (threshold - d_in) / (d_out - d_in) if d_out > d_in else 1.0
+    return g_in + frac * (g_out - g_in)
+
+
+def _profile_point(problem: Problem, w0: np.ndarray, g: float, index: int) -> tuple[float, np.ndarray]:
+    def fun(w):
+        value, grad = profile_value_and_grad(problem, w, g, index)
+        if not np.isfinite(value) or not np.all(np.isfinite(grad)):
+            return 1e300, np.zeros_like(w)
+        return value, grad
+
+    start, _ = fun(w0)
+    if start >= 1e299:
+        return math.inf, w0
+    res = scipy.optimize.minimize(fun, w0, jac=True, method="L-BFGS-B",
+                                  options={"maxiter": 300, "ftol": 1e-13, "gtol": 1e-7})
+    value = float(res.fun)
+    return (value if value < 1e299 else math.inf), np.asarray(res.x)
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+
+def bootstrap(problem: Problem, obs: Observations, u_hat: np.ndarray, base: Uncertainty, *,
+              num_samples: int, key: jax.Array, progress=None) -> Uncertainty:
+    """Paired bootstrap over images (module docstring): percentile intervals of refits from u*."""
+    if obs.phenotypes is None:
+        from fitting.observations import ObservationError
+
+        raise ObservationError(f"{obs.source}: --interval bootstrap needs the per-image variable 'hf_power'; "
+                               "this dataset holds only the summary trio (use laplace or profile)")
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    num_images = obs.phenotypes.shape[-1]
+    draws, failed = [], 0
+    for _ in range(num_samples):
+        index = rng.integers(0, num_images, size=num_images)
+        replicate = problem.with_data(obs.resample_images(index))
+        result = local_minimize(replicate, u_hat)
+        if result.status == "failed":
+            failed += 1
+        else:
+            draws.append(result.u)
+        if progress is not None:
+            progress()
+    warnings = list(base.warnings)
+    if failed:
+        warnings.append(f"bootstrap: {failed} of {num_samples} refits failed and were left out")
+    if len(draws) < 2:
+        warnings.append("bootstrap: too few successful refits; Laplace intervals kept")
+        return dataclasses.replace(base, warnings=tuple(warnings))
+    samples = np.stack(draws)
+    values = np.stack([free_values(problem.natural(u), problem.layout) for u in samples])
+    lower = np.percentile(values, 2.5, axis=0)
+    upper = np.percentile(values, 97.5, axis=0)
+    return dataclasses.replace(base, method="bootstrap", lower=lower, upper=upper, warnings=tuple(warnings),
+                               samples=samples)

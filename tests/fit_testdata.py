@@ -1,0 +1,79 @@
+"""Synthetic results datasets for the fit tests, written with plain xarray (the results contract)."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+TRUTH_SHARED = {"mu0": 0.3, "sigma_g0": 0.05, "sigma_env": 0.05}
+TRUTH_CONDITIONS = {"cfg7.5": (0.9, 0.02), "cfg2.5": (0.5, 0.09), "cfg1.0": (0.05, 0.6)}
+
+
+def results_dataset(phenotypes: np.ndarray, conditions, *, schema_version=1) -> xr.Dataset:
+    """A minimal metrics.nc: hf_power (condition, iteration, image) plus schema_version."""
+    num_c, num_k, num_i = phenotypes.shape
+    ds = xr.Dataset(
+        {"hf_power": (("condition", "iteration", "image"), phenotypes)},
+        coords={"condition": list(conditions), "iteration": np.arange(num_k), "image": np.arange(num_i)},
+    )
+    if schema_version is not None:
+        ds.attrs["schema_version"] = schema_version
+    return ds
+
+
+def summary_dataset(phenotypes: np.ndarray, conditions) -> xr.Dataset:
+    """The summary-only trio computed from per-image phenotypes (sample sd, ddof 1)."""
+    num_k = phenotypes.shape[1]
+    n = np.isfinite(phenotypes).sum(-1)
+    ds = xr.Dataset(
+        {"hf_power_mean": (("condition", "iteration"), np.nanmean(phenotypes, -1)),
+         "hf_power_std": (("condition", "iteration"), np.nanstd(phenotypes, -1, ddof=1)),
+         "num_images": (("condition", "iteration"), n)},
+        coords={"condition": list(conditions), "iteration": np.arange(num_k)},
+        attrs={"schema_version": 1},
+    )
+    return ds
+
+
+def montecarlo_phenotypes(conditions: dict, shared: dict, *, num_iterations: int, num_images: int,
+                          population: int, seed: int, observe: str = "genetic") -> np.ndarray:
+    """Per-image phenotypes (C, K+1, num_images) from qtm's finite-population Monte Carlo.
+
+    Each condition is one replicate of `population` individuals; `num_images` of them are measured at
+    every iteration (the first ones: individuals are exchangeable). Observed values are the genetic values
+    (MODEL.md section 6, default mapping) or the phenotypes. Iteration 0 is condition 0's for all (D_0).
+    """
+    import jax
+
+    from qtm.montecarlo import simulate_population
+    from qtm.params import TraitParams
+
+    out = []
+    keys = jax.random.split(jax.random.key(seed), len(conditions))
+    for key, (r1, r2) in zip(keys, conditions.values()):
+        params = TraitParams(r1=r1, r2=r2, **shared)
+        sim = simulate_population(params, num_iterations, population=population, replicates=1, key=key,
+                                  return_individuals=True)
+        values = sim.genetic_values if observe == "genetic" else sim.phenotypes
+        out.append(np.asarray(values)[0, :, :num_images])
+    x = np.stack(out)
+    x[:, 0] = x[0, 0]
+    return x
+
+
+def recursion_phenotypes(conditions: dict, shared: dict, *, num_iterations: int, num_images: int,
+                         seed: int, extra: dict | None = None) -> np.ndarray:
+    """Independent Gaussian draws with qtm's recursion mean and V_G per iteration (the fit's own model)."""
+    from qtm.params import TraitParams
+    from qtm.recursion import trajectory
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for r1, r2 in conditions.values():
+        traj = trajectory(TraitParams(r1=r1, r2=r2, **shared, **(extra or {})), num_iterations)
+        mean = np.asarray(traj.mean)[:, None]
+        sd = np.sqrt(np.asarray(traj.var_genetic))[:, None]
+        out.append(mean + sd * rng.standard_normal((num_iterations + 1, num_images)))
+    x = np.stack(out)
+    x[:, 0] = x[0, 0]
+    return x
