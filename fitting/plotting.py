@@ -12,50 +12,60 @@ from fitting.driver import FitResult
 
 
 def plot_fit(result: FitResult, path: str | Path) -> Path:
+    """Draw a fit result (see `plot_fit_dataset`)."""
+    from fitting.results import to_dataset
+
+    return plot_fit_dataset(to_dataset(result), path)
+
+
+def plot_fit_dataset(fit, path: str | Path) -> Path:
     """Observed means with 95 % error bars (1.96 x standard error), the fitted mean, the band of mu_k over
     parameter draws and the wider prediction band for the mean of n new images; a dashed line marks the
-    last training iteration of a forecast. Written atomically (PNG, or any suffix matplotlib knows)."""
+    last training iteration of a forecast. `fit` is the dataset of `fitting.results.to_dataset` (a fit.nc
+    file opened with xarray). Written atomically (PNG, or any suffix matplotlib knows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    conditions = result.conditions
+    conditions = [str(c) for c in fit["condition"].values]
     num = len(conditions)
     cols = min(num, 3)
     rows = (num + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
-    pred = result.prediction
-    it = pred.iterations
-    obs = result.observed
+    it = fit["iteration"].values
+    mean = fit["observed_mean"].values
     with np.errstate(invalid="ignore", divide="ignore"):
-        se = np.sqrt(obs["var"] / obs["num_images"])
+        se = fit["observed_sd"].values / np.sqrt(fit["observed_num_images"].values)
+    train = fit["train"].values.astype(bool)
+    last_train = int(it[train].max()) if train.any() else None
     for c, name in enumerate(conditions):
         ax = axes[c // cols][c % cols]
-        ax.fill_between(it, pred.predict_lower[c], pred.predict_upper[c], color="C0", alpha=0.15,
-                        label="95 % prediction (n images)")
-        ax.fill_between(it, pred.mean_lower[c], pred.mean_upper[c], color="C0", alpha=0.35,
+        ax.fill_between(it, fit["predict_lower"].values[c], fit["predict_upper"].values[c], color="C0",
+                        alpha=0.15, label="95 % prediction (n images)")
+        ax.fill_between(it, fit["mean_lower"].values[c], fit["mean_upper"].values[c], color="C0", alpha=0.35,
                         label="95 % band of the mean")
-        ax.plot(it, pred.mean[c], color="C0", label="fit")
-        mean0 = obs["mean"][:, 0][np.isfinite(obs["mean"][:, 0])]
-        y = obs["mean"][c].copy()
+        ax.plot(it, fit["fitted_mean"].values[c], color="C0", label="fit")
+        mean0 = mean[:, 0][np.isfinite(mean[:, 0])]
+        y = mean[c].copy()
         e = se[c].copy()
         if not np.isfinite(y[0]) and mean0.size:
             y[0], e[0] = mean0[0], se[:, 0][np.isfinite(se[:, 0])][0]
         ok = np.isfinite(y)
         ax.errorbar(it[ok], y[ok], yerr=1.96 * np.nan_to_num(e[ok]), fmt="o", color="k", ms=3.5,
                     capsize=2.5, label="observed (95 % CI)")
-        if result.config.train_iterations is not None:
-            ax.axvline(result.config.train_iterations + 0.5, color="0.4", ls="--", lw=1)
+        if last_train is not None and last_train < int(it.max()):
+            ax.axvline(last_train + 0.5, color="0.4", ls="--", lw=1)
         ax.set_title(name)
         ax.set_xlabel("iteration")
         if c % cols == 0:
             ax.set_ylabel("phenotype mean (hf_power)")
+    _clip_to_data(axes, mean, se, fit["fitted_mean"].values)
     for k in range(num, rows * cols):
         axes[k // cols][k % cols].axis("off")
     axes[0][0].legend(fontsize=7, loc="best")
-    spec = result.config.spec
-    fig.suptitle(f"{spec.selection} selection, mutation {spec.mutation} ({result.uncertainty.method})")
+    fig.suptitle(f"{fit.attrs.get('model', '')} selection, mutation {fit.attrs.get('mutation', '')} "
+                 f"({fit.attrs.get('interval', '')})")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,3 +79,21 @@ def plot_fit(result: FitResult, path: str | Path) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _clip_to_data(axes, mean: np.ndarray, se: np.ndarray, fitted: np.ndarray) -> None:
+    """Keep the observations and fitted curves readable when a band of an unidentified fit explodes:
+    the y-range is the data's (means +- 1.96 se, fitted means) widened by half its span."""
+    from matplotlib.ticker import MaxNLocator
+
+    with np.errstate(invalid="ignore"):
+        values = np.concatenate([(mean - 1.96 * se).ravel(), (mean + 1.96 * se).ravel(), fitted.ravel()])
+    values = values[np.isfinite(values)]
+    for ax in np.ravel(axes):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if values.size == 0:
+        return
+    lo, hi = float(values.min()), float(values.max())
+    pad = 0.5 * (hi - lo) if hi > lo else max(abs(hi), 1e-12) * 0.1
+    low, high = axes[0][0].get_ylim()
+    axes[0][0].set_ylim(max(low, lo - pad), min(high, hi + pad))

@@ -28,11 +28,11 @@ def _main() -> None:
 
 
 def _register() -> None:
-    from chain.demo_command import demo
-    from chain.report_command import report
     from chain.run_command import run
     from chain.spectra_command import spectra
     from fitting.fit_command import fit
+    from qtm.demo_command import demo
+    from qtm.report_command import report
     from qtm.simulate_command import simulate
 
     app.command("simulate")(simulate)

@@ -1,4 +1,4 @@
-"""`qtm demo` (not yet built)."""
+"""`qtm demo` (being built)."""
 
 from qtm.cli_common import fail
 

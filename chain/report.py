@@ -1,0 +1,233 @@
+"""Figures and a summary of a chain run directory (the results contract of DESIGN.md).
+
+Works on any run directory, toy or Stable Diffusion: it reads `metrics.nc`, the images under
+`images/<condition>/<iteration>/` and the original images named by `config.toml`. Every figure is a pure
+function of those inputs; nothing here trains, generates or fits.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _atomic_savefig(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def iteration_images(run_dir: Path, condition: str, iteration: int) -> list[Path]:
+    """The image files of one (condition, iteration); iteration 0 falls back to the original images (D_0)."""
+    folder = Path(run_dir) / "images" / condition / str(iteration)
+    if folder.is_dir():
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if iteration == 0:
+        config_path = Path(run_dir) / "config.toml"
+        if config_path.is_file():
+            data_path = tomllib.loads(config_path.read_text()).get("data", {}).get("path", "")
+            root = Path(data_path)
+            if not root.is_absolute():
+                root = (Path(run_dir) / root).resolve()
+            if root.is_dir():
+                return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return []
+
+
+def _thumbnail(path: Path, size: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        m = min(im.size)
+        left, top = (im.width - m) // 2, (im.height - m) // 2
+        im = im.crop((left, top, left + m, top + m)).resize((size, size), Image.Resampling.BOX)
+        return np.asarray(im)
+
+
+def image_grid(run_dir: Path, metrics: xr.Dataset, *, images_per_cell: int = 4, thumb: int = 64) -> np.ndarray:
+    """An RGB mosaic: one row per condition, one column per iteration (the paper's Figure 1b layout);
+    each cell shows the first `images_per_cell` images side by side (same prompts in every cell)."""
+    conditions = [str(c) for c in metrics["condition"].values]
+    iterations = [int(i) for i in metrics["iteration"].values]
+    gap = 4
+    cell_w = images_per_cell * thumb + (images_per_cell - 1) * 1
+    height = len(conditions) * thumb + (len(conditions) - 1) * gap
+    width = len(iterations) * cell_w + (len(iterations) - 1) * gap
+    grid = np.full((height, width, 3), 255, dtype=np.uint8)
+    for r, condition in enumerate(conditions):
+        for c, iteration in enumerate(iterations):
+            paths = iteration_images(run_dir, condition, iteration)[:images_per_cell]
+            for j, path in enumerate(paths):
+                y, x = r * (thumb + gap), c * (cell_w + gap) + j * (thumb + 1)
+                grid[y : y + thumb, x : x + thumb] = _thumbnail(path, thumb)
+    return grid
+
+
+def plot_image_grid(run_dir: Path, metrics: xr.Dataset, path: Path, *, images_per_cell: int = 4) -> Path:
+    plt = _pyplot()
+    conditions = [str(c) for c in metrics["condition"].values]
+    iterations = [int(i) for i in metrics["iteration"].values]
+    grid = image_grid(run_dir, metrics, images_per_cell=images_per_cell)
+    fig, ax = plt.subplots(figsize=(min(2.2 * len(iterations) * images_per_cell / 2, 24),
+                                    1.3 * len(conditions) + 0.8))
+    ax.imshow(grid, interpolation="nearest")
+    h, w = grid.shape[:2]
+    ax.set_xticks([(i + 0.5) * w / len(iterations) for i in range(len(iterations))],
+                  [f"iteration {i}" for i in iterations])
+    ax.set_yticks([(r + 0.5) * h / len(conditions) for r in range(len(conditions))], conditions)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title("Generated images per condition and iteration (iteration 0 = the original images)")
+    try:
+        return _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
+    """Mean radial power spectral density per iteration, one panel per condition (log-log)."""
+    plt = _pyplot()
+    conditions = [str(c) for c in metrics["condition"].values]
+    iterations = metrics["iteration"].values
+    freq = metrics["frequency"].values
+    keep = freq > 0
+    fig, axes = plt.subplots(1, len(conditions), figsize=(4.2 * len(conditions), 3.6), squeeze=False,
+                             sharey=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, condition in zip(axes[0], conditions):
+        for i, iteration in enumerate(iterations):
+            psd = metrics["radial_psd"].sel(condition=condition, iteration=iteration).values
+            if np.all(np.isnan(psd)):
+                continue
+            ax.loglog(freq[keep], psd[keep], color=cmap(i / max(len(iterations) - 1, 1)),
+                      label=f"iteration {int(iteration)}")
+        ax.set_title(condition)
+        ax.set_xlabel("radial frequency (cycles / pixel)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("mean power (fraction of AC energy per ring)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Radial power spectra over iterations")
+    try:
+        return _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_metric(metrics: xr.Dataset, name: str, path: Path, *, label: str | None = None) -> Path:
+    """One metric per iteration, one line per condition (with its interval when `<name>_lower/_upper` exist)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for condition in metrics["condition"].values:
+        series = metrics[name].sel(condition=condition)
+        ok = ~np.isnan(series.values)
+        x = metrics["iteration"].values[ok]
+        ax.plot(x, series.values[ok], marker="o", label=str(condition))
+        lo, hi = f"{name}_lower", f"{name}_upper"
+        if lo in metrics and hi in metrics:
+            ax.fill_between(x, metrics[lo].sel(condition=condition).values[ok],
+                            metrics[hi].sel(condition=condition).values[ok], alpha=0.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(label or name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    try:
+        return _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def phenotype_summary(metrics: xr.Dataset) -> xr.Dataset:
+    """Per (condition, iteration): mean, sd and count of the phenotype over the produced images."""
+    hf = metrics["hf_power"]
+    return xr.Dataset({
+        "mean": hf.mean("image", skipna=True),
+        "std": hf.std("image", ddof=1, skipna=True),
+        "count": hf.notnull().sum("image"),
+    })
+
+
+def plot_phenotype(metrics: xr.Dataset, path: Path) -> Path:
+    """Observed phenotype mean +- sd per iteration, one line per condition (used when there is no fit)."""
+    plt = _pyplot()
+    summary = phenotype_summary(metrics)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for condition in metrics["condition"].values:
+        s = summary.sel(condition=condition)
+        ok = s["count"].values > 0
+        x = metrics["iteration"].values[ok]
+        ax.errorbar(x, s["mean"].values[ok], yerr=s["std"].values[ok], marker="o", capsize=3,
+                    label=str(condition))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("high-frequency power (phenotype)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    try:
+        return _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def summary_table(metrics: xr.Dataset) -> list[dict]:
+    """Rows (condition, iteration, phenotype mean/sd/n, metrics) for the terminal and the markdown report."""
+    summary = phenotype_summary(metrics)
+    rows = []
+    for condition in metrics["condition"].values:
+        for iteration in metrics["iteration"].values:
+            s = summary.sel(condition=condition, iteration=iteration)
+            if int(s["count"]) == 0:
+                continue
+            row = {"condition": str(condition), "iteration": int(iteration), "hf_power_mean": float(s["mean"]),
+                   "hf_power_std": float(s["std"]), "num_images": int(s["count"])}
+            for name in ("fd_dinov2", "recall", "sfd", "clip_score"):
+                if name in metrics:
+                    row[name] = float(metrics[name].sel(condition=condition, iteration=iteration))
+            rows.append(row)
+    return rows
+
+
+def _fmt(value: float) -> str:
+    return "—" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4g}"
+
+
+def markdown_report(rows: list[dict], figures: dict[str, str], *, title: str, extra: str = "") -> str:
+    """The report page: figures first, then the per-iteration table."""
+    lines = [f"# {title}", ""]
+    if extra:
+        lines += [extra, ""]
+    for caption, name in figures.items():
+        lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    metric_names = [k for k in ("fd_dinov2", "recall", "sfd", "clip_score") if rows and k in rows[0]]
+    lines += ["## Per iteration", "",
+              "| condition | iteration | phenotype mean | phenotype sd | images | " + " | ".join(metric_names) + " |",
+              "|---|---:|---:|---:|---:|" + "---:|" * len(metric_names)]
+    for r in rows:
+        cells = [r["condition"], str(r["iteration"]), _fmt(r["hf_power_mean"]), _fmt(r["hf_power_std"]),
+                 str(r["num_images"])] + [_fmt(r[k]) for k in metric_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
