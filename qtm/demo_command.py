@@ -1,8 +1,135 @@
-"""`qtm demo` (being built)."""
+"""`qtm demo`: the paper's whole experiment on the embedded toy world, end to end on a laptop CPU.
 
-from qtm.cli_common import fail
+1. D_0: the procedural captioned toy images (chain.toy.make_toy_dataset), written into the run folder.
+2. The Chain of Diffusion (chain.run.run_chain) from the committed toy base model, for a low CFG, a high
+   CFG and ReDiFine (exponentially decaying CFG + condition drop), measured with the toy feature encoder.
+3. `qtm fit` on the measured phenotypes (fitting.driver.fit_observations) -> fit.nc.
+4. `qtm report` on the run folder -> report/.
+
+Rerunning continues where a previous run stopped (the chain is resumable; the fit and report are redone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qtm.cli_common import fail, print_json
 
 
-def demo() -> None:
-    """Not yet available."""
-    fail("qtm demo is not built yet")
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """The size of the demo chain. Defaults are the full demo; `quick()` the smoke-test size."""
+
+    num_images: int = 48
+    num_iterations: int = 4
+    num_steps: int = 30
+    epochs: int = 4
+    rank: int = 16
+    alpha: float = 16.0
+    unet_lr: float = 1e-3
+    text_encoder_lr: float = 5e-4
+    batch_size: int = 6
+    sampling_batch_size: int = 48
+    low_cfg: float = 1.0
+    high_cfg: float = 7.5
+    redifine_alpha: float = 2.0
+    redifine_drop: float = 0.2
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        return cls(num_images=24, num_iterations=2, num_steps=15, epochs=2)
+
+
+def demo_config(data_dir: Path, settings: DemoSettings, *, seed: int):
+    """The chain configuration of the demo (the same tables a TOML config would hold)."""
+    from chain.config import config_from_dict
+    from chain.toy import toy_base_model_dir
+
+    s = settings
+    return config_from_dict({
+        "run": {"num_iterations": s.num_iterations, "seed": seed, "device": "cpu", "dataset_name": "toy-d0"},
+        "data": {"path": str(data_dir), "caption_extension": ".txt", "resolution": 32},
+        "model": {"path": str(toy_base_model_dir())},
+        "finetune": {"rank": s.rank, "alpha": s.alpha, "unet_lr": s.unet_lr, "text_encoder_lr": s.text_encoder_lr,
+                     "batch_size": s.batch_size, "epochs": s.epochs, "mixed_precision": "no", "clip_skip": 2},
+        "sampling": {"num_steps": s.num_steps, "batch_size": s.sampling_batch_size, "images_per_prompt": 1},
+        "conditions": [
+            {"name": f"cfg{s.low_cfg:g}", "schedule": "constant", "scale": s.low_cfg},
+            {"name": f"cfg{s.high_cfg:g}", "schedule": "constant", "scale": s.high_cfg},
+            {"name": "redifine", "schedule": "exponential", "scale": s.high_cfg, "alpha": s.redifine_alpha,
+             "condition_drop": s.redifine_drop},
+        ],
+    }, where="qtm demo")
+
+
+def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool = True) -> dict:
+    """Run the four steps; returns the paths written and the wall time of each step."""
+    import jax
+    from rich.console import Console
+
+    from chain.run import run_chain
+    from chain.toy import load_toy_encoder, make_toy_dataset
+    from fitting.driver import FitConfig, fit_observations
+    from fitting.observations import load_observations
+    from fitting.results import write_fit
+    from qtm.report_command import build_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data_dir = out / "data"
+    if not any(data_dir.glob("*.png")):
+        make_toy_dataset(data_dir, num_images=settings.num_images, seed=seed, resolution=32, distribution="d0")
+    config = demo_config(data_dir, settings, seed=seed)
+    run_chain(config, out, progress=progress, encoder=load_toy_encoder())
+    seconds["chain"] = time.perf_counter() - t0
+
+    console = Console(stderr=True, quiet=not progress)
+    t1 = time.perf_counter()
+    with console.status("qtm fit: selection per condition from the measured phenotypes"):
+        result = fit_observations(load_observations(out), FitConfig(), key=jax.random.key(seed))
+        fit_path = write_fit(result, out / "fit.nc", seed=seed, command="qtm demo")
+    seconds["fit"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    with console.status("qtm report: figures and report.md"):
+        report = build_report(out, fit_path=fit_path)
+    seconds["report"] = time.perf_counter() - t2
+    return {"run_dir": str(out), "metrics": str(out / "metrics.nc"), "fit": str(fit_path),
+            "report": report["report"], "figures": report["figures"], "rows": report["rows"],
+            "fit_warnings": list(result.warnings), "seconds": seconds}
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Run folder (resumable).")] = Path("results/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller chain (smoke test, ~3 minutes).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of D_0, finetuning and sampling.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the written paths and the table as JSON.")] = False,
+) -> None:
+    """The whole loop on the embedded toy world: chain (low CFG, high CFG, ReDiFine), fit, report."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a directory")
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    from chain.config import ConfigError
+    from chain.run import RunError
+
+    try:
+        result = run_demo(out, settings, seed=seed, progress=not as_json)
+    except (ConfigError, RunError) as err:
+        fail(f"{err} (a run folder from another demo size? use a new --out)")
+    if as_json:
+        print_json(result)
+        return
+    from rich.console import Console
+
+    console = Console()
+    for warning in result["fit_warnings"]:
+        console.print(f"[yellow]fit warning:[/yellow] {warning}", highlight=False)
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
+    console.print(f"demo finished ({times}): metrics {result['metrics']}, fit {result['fit']}, "
+                  f"report {result['report']}", highlight=False)
