@@ -81,19 +81,22 @@ def sample_latents(
     gens = generator if b > 1 else generator[0]
     latents = randn_tensor((b, *latent_shape), generator=gens, device=device, dtype=dtype)
     latents = latents * scheduler.init_noise_sigma
-    norms = torch.zeros(b, len(scheduler.timesteps), dtype=torch.float64)
+    # Per-step bookkeeping stays on the device and the sigmas are read from one host copy, so the loop never
+    # waits for the GPU between steps.
+    norms = torch.zeros(b, len(scheduler.timesteps), dtype=torch.float64, device=latents.device)
     scales = np.zeros(len(scheduler.timesteps))
+    sigmas = scheduler.sigmas.detach().cpu().tolist()
     for i, t in enumerate(scheduler.timesteps):
-        sigma = float(scheduler.sigmas[i])
+        sigma = float(sigmas[i])
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
         pred_uncond, pred_cond = pred.chunk(2)
         scale = schedule.scale(i, len(scheduler.timesteps), sigma)
         scales[i] = scale
         noise_pred = pred_uncond + scale * (pred_cond - pred_uncond)
-        norms[:, i] = (pred_cond - pred_uncond).flatten(1).double().norm(dim=1).cpu()
+        norms[:, i] = (pred_cond - pred_uncond).flatten(1).double().norm(dim=1)
         latents = scheduler.step(noise_pred, t, latents, generator=gens, return_dict=False)[0]
-    return SampleResult(latents.float().cpu(), norms, scales)
+    return SampleResult(latents.float().cpu(), norms.cpu(), scales)
 
 
 @torch.no_grad()

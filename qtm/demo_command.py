@@ -126,10 +126,11 @@ def demo(
         print_json(result)
         return
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console()
     for warning in result["fit_warnings"]:
-        console.print(f"[yellow]fit warning:[/yellow] {warning}", highlight=False)
+        console.print(f"[yellow]fit warning:[/yellow] {escape(warning)}", highlight=False)
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
-    console.print(f"demo finished ({times}): metrics {result['metrics']}, fit {result['fit']}, "
-                  f"report {result['report']}", highlight=False)
+    console.print(escape(f"demo finished ({times}): metrics {result['metrics']}, fit {result['fit']}, "
+                         f"report {result['report']}"), highlight=False)

@@ -1,0 +1,57 @@
+"""`qtm demo --quick`: the whole loop on the embedded toy world produces every file of the report."""
+
+import json
+
+import numpy as np
+import xarray as xr
+from typer.testing import CliRunner
+
+from qtm.cli import app
+
+REPORT_FILES = ("report.md", "phenotype.png", "images.png", "radial_spectra.png", "fd_dinov2.png", "recall.png",
+                "sfd.png")
+
+
+def test_quick_demo_end_to_end_and_rerun(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("metrics.nc", "fit.nc", "config.toml"):
+        assert (out / name).is_file(), name
+    for name in REPORT_FILES:
+        assert (out / "report" / name).is_file(), name
+
+    metrics = xr.open_dataset(out / "metrics.nc", engine="h5netcdf").load()
+    assert list(metrics["condition"].values) == ["cfg1", "cfg7.5", "redifine"]
+    assert int(metrics["completed"].sum()) == 3 * 3  # iteration 0 and two iterations per condition
+    hf = metrics["hf_power"].values
+    assert np.isfinite(hf).all() and ((hf > 0) & (hf < 1)).all()
+    # iteration 0 is D_0 itself: the same phenotypes in every condition, zero paired feature distance
+    assert np.allclose(hf[:, 0], hf[0, 0])
+    assert np.allclose(metrics["sfd"].sel(iteration=0).values, 0.0)
+    # the images every iteration trained on exist on disk, one per prompt
+    for condition in metrics["condition"].values:
+        for k in (1, 2):
+            assert len(list((out / "images" / str(condition) / str(k)).glob("*.png"))) == metrics.sizes["image"]
+    # the fit describes the same observations the chain measured
+    fit = xr.open_dataset(out / "fit.nc", engine="h5netcdf").load()
+    observed = np.nanmean(hf, axis=2)
+    assert np.allclose(fit["observed_mean"].sel(iteration=[1, 2]).values, observed[:, 1:], rtol=1e-9)
+    assert {r["condition"] for r in summary["rows"]} == {"cfg1", "cfg7.5", "redifine"}
+
+    # a rerun continues: nothing is regenerated, the metrics are unchanged, fit and report are redone
+    mtime = (out / "images" / "cfg1" / "1").stat().st_mtime_ns
+    again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--json"])
+    assert again.exit_code == 0, again.output
+    assert (out / "images" / "cfg1" / "1").stat().st_mtime_ns == mtime
+    rerun = xr.open_dataset(out / "metrics.nc", engine="h5netcdf").load()
+    np.testing.assert_array_equal(rerun["hf_power"].values, hf)
+
+
+def test_demo_refuses_a_file_as_output(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(target)])
+    assert result.exit_code != 0
+    assert "not a directory" in result.output
