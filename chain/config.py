@@ -127,6 +127,9 @@ class MetricsConfig:
     clip_model: str = ""  # "" | a CLIP folder or HF id for clip_score
     recall_k: int = 5
     batch_size: int = 32
+    # The phenotype's threshold in cycles/pixel (Eq. 14): 0.02 at 256 pixels, i.e. 5.1 cycles per image;
+    # for smaller images keep the cycles per image: 0.02 * 256 / resolution (0.16 at 32 pixels).
+    phenotype_tau: float = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,8 @@ class ChainConfig:
             bad("sampling.num_steps", "must be >= 1")
         if self.sampling.batch_size < 1:
             bad("sampling.batch_size", "must be >= 1")
+        if not 0.0 <= self.metrics.phenotype_tau < 0.7072:
+            bad("metrics.phenotype_tau", "must lie in [0, 1/sqrt(2)) cycles/pixel (0.02 at 256 pixels)")
         if self.sampling.images_per_prompt < 1:
             bad("sampling.images_per_prompt", "must be >= 1")
         if not self.conditions:

@@ -5,15 +5,14 @@ Images travel through the project as float32 torch tensors of shape (3, H, W), R
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from chain.atomic import atomic_write_path  # noqa: F401  (re-exported: part of this module's API)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -92,20 +91,6 @@ def to_uint8_pil(image_chw: torch.Tensor) -> Image.Image:
     if array.shape[2] == 1:
         return Image.fromarray(array[:, :, 0], mode="L")
     return Image.fromarray(array, mode="RGB")
-
-
-@contextlib.contextmanager
-def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary path beside `path` (same suffix); on success it replaces `path` (os.replace),
-    on error it is removed. The file gets the usual permissions (umask), unlike tempfile.mkstemp's 0600."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_image(image_chw: torch.Tensor, path: str | os.PathLike) -> Path:

@@ -7,13 +7,13 @@ function of those inputs; nothing here trains, generates or fits.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
+from chain.atomic import atomic_write_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -21,14 +21,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 def _atomic_savefig(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_write_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -32,6 +32,7 @@ import torch
 
 from chain.config import ChainConfig, ConditionConfig, config_to_toml
 from chain.data import CaptionedDataset, load_captioned_folder
+from chain.atomic import write_text_atomic
 from chain.images import list_images, load_image, save_image
 from chain.sampling import image_seed, make_generator
 from chain import store
@@ -230,16 +231,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
     path = out_dir / "config.toml"
     text = config_to_toml(config)
@@ -251,7 +242,7 @@ def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
                 "or delete the folder to start over"
             )
         return
-    _atomic_text(path, text)
+    write_text_atomic(path, text)
 
 
 def resolve_base_model(config: ChainConfig, out_dir: Path):
@@ -325,7 +316,7 @@ class Measurements:
     features: np.ndarray | None
 
 
-def measure(images: torch.Tensor, *, encoder=None, batch_size: int = 32) -> Measurements:
+def measure(images: torch.Tensor, *, encoder=None, batch_size: int = 32, tau: float = 0.02) -> Measurements:
     """Phenotype and spectra of every image (chain.spectra, DESIGN.md "The phenotype"), features if an
     encoder is given. The spectra are means over images."""
     from chain.spectra import measure_spectra, prepare_for_spectrum
@@ -333,7 +324,7 @@ def measure(images: torch.Tensor, *, encoder=None, batch_size: int = 32) -> Meas
     hf, radial, angular = [], [], []
     for start in range(0, len(images), batch_size):
         chunk = torch.stack([prepare_for_spectrum(im) for im in images[start : start + batch_size]])
-        s = measure_spectra(chunk, dtype=torch.float64).numpy()
+        s = measure_spectra(chunk, dtype=torch.float64, tau=tau).numpy()
         hf.append(s.hf_power)
         radial.append(s.radial_psd)
         angular.append(s.angular_psd)
@@ -444,7 +435,7 @@ def run_chain(
     clip = _build_clip(config, accelerator.device)
 
     metrics_path = out_dir / "metrics.nc"
-    from chain.spectra import PHENOTYPE_ATTRS, angular_bins, radial_frequencies
+    from chain.spectra import angular_bins, phenotype_attrs, radial_frequencies
 
     side = min(config.data.resolution, 256)
     accelerator.wait_for_everyone()
@@ -464,7 +455,7 @@ def run_chain(
             "feature_encoder": getattr(encoder, "name", type(encoder).__name__) if encoder is not None else "",
             "clip_model": config.metrics.clip_model,
             **{f"version_{k}": v for k, v in _versions().items()},
-            **PHENOTYPE_ATTRS,
+            **phenotype_attrs(config.metrics.phenotype_tau),
         }
         ds = store.empty_dataset(
             conditions=[c.name for c in config.conditions],
@@ -485,7 +476,8 @@ def run_chain(
     with reporter:
         reporter.event("start", out_dir=str(out_dir), conditions=[c.name for c in config.conditions],
                        num_iterations=config.run.num_iterations, num_images=n, resumed=bool(done))
-        m0 = measure(originals.images, encoder=encoder, batch_size=config.metrics.batch_size) if is_main else None
+        m0 = (measure(originals.images, encoder=encoder, batch_size=config.metrics.batch_size,
+                      tau=config.metrics.phenotype_tau) if is_main else None)
         if is_main and (first, 0) not in done:
             extra = feature_metrics(m0.features, m0.features, ipp=1, k=config.metrics.recall_k)
             if clip is not None:
@@ -523,7 +515,8 @@ def run_chain(
                         save_image(image, folder / f"{i:05d}.png")
                     # Measure what was written (8-bit PNG), the same data the next iteration trains on.
                     written = _read_iteration_images(out_dir, condition.name, k, n * ipp)
-                    mk = measure(written, encoder=encoder, batch_size=config.metrics.batch_size)
+                    mk = measure(written, encoder=encoder, batch_size=config.metrics.batch_size,
+                                 tau=config.metrics.phenotype_tau)
                     extra = feature_metrics(mk.features, m0.features, ipp=ipp, k=config.metrics.recall_k)
                     if clip is not None:
                         extra["clip_score"] = _clip_score(clip, written, list(prompts))

@@ -53,29 +53,34 @@ NUM_ANGLES = 16
 ANGULAR_MIN_RADIUS = 0.1
 CPU_CHUNK = 8  # images per FFT on a CPU (cache-sized); a GPU takes the whole batch at once
 
-PHENOTYPE_ATTRS: dict[str, str | float | int] = {
-    "phenotype": (
-        "hf_power: fraction of the image's normalised spectral energy at radial frequency r > tau "
-        "(Eq. 14, after Corvi et al. 2023). Image RGB floats minus one global mean, divided by one global "
-        "RMS (over H, W, C); orthonormal 2D DFT per channel; |F|^2 averaged over channels, divided by H*W "
-        "(sums to 1); r from numpy.fft.fftfreq grids in cycles/pixel; sum over r > tau, not binned."
-    ),
-    "phenotype_tau": HF_THRESHOLD,
-    "phenotype_size": SPECTRUM_SIZE,
-    "phenotype_resize": (
-        "short side m > 256: true area averaging (fractional pixel weights, as OpenCV INTER_AREA) to "
-        "(256*H//m, 256*W//m); short side >= 256: centre crop 256x256 at ((H-256)//2, (W-256)//2); "
-        "smaller images as they are"
-    ),
-    "radial_psd_definition": "ring sums of the power map over round(r / q) = k, q = 1/min(H, W); "
-    "coordinate frequency = k q in cycles/pixel",
-    "angular_psd_definition": (
-        "sector sums of the power map over r > 0.1 and round(16 atan2(f_y, f_x) / pi) mod 16 = k "
-        "(angles folded to [0, pi), f_y along rows, f_x along columns); coordinate angle = k pi / 16 radians"
-    ),
-    "angular_num_sectors": NUM_ANGLES,
-    "angular_min_radius": ANGULAR_MIN_RADIUS,
-}
+def phenotype_attrs(tau: float = HF_THRESHOLD) -> dict[str, str | float | int]:
+    """The definition and parameters of the phenotype for dataset attrs (DESIGN.md \"The phenotype\")."""
+    return {
+        "phenotype": (
+            "hf_power: fraction of the image's normalised spectral energy at radial frequency r > tau "
+            "(Eq. 14, after Corvi et al. 2023). Image RGB floats minus one global mean, divided by one global "
+            "RMS (over H, W, C); orthonormal 2D DFT per channel; |F|^2 averaged over channels, divided by H*W "
+            "(sums to 1); r from numpy.fft.fftfreq grids in cycles/pixel; sum over r > tau, not binned."
+        ),
+        "phenotype_tau": float(tau),
+        "phenotype_size": SPECTRUM_SIZE,
+        "phenotype_resize": (
+            "short side m > 256: true area averaging (fractional pixel weights, as OpenCV INTER_AREA) to "
+            "(256*H//m, 256*W//m); short side >= 256: centre crop 256x256 at ((H-256)//2, (W-256)//2); "
+            "smaller images as they are"
+        ),
+        "radial_psd_definition": "ring sums of the power map over round(r / q) = k, q = 1/min(H, W); "
+        "coordinate frequency = k q in cycles/pixel",
+        "angular_psd_definition": (
+            "sector sums of the power map over r > 0.1 and round(16 atan2(f_y, f_x) / pi) mod 16 = k "
+            "(angles folded to [0, pi), f_y along rows, f_x along columns); coordinate angle = k pi / 16 radians"
+        ),
+        "angular_num_sectors": NUM_ANGLES,
+        "angular_min_radius": ANGULAR_MIN_RADIUS,
+    }
+
+
+PHENOTYPE_ATTRS: dict[str, str | float | int] = phenotype_attrs(HF_THRESHOLD)
 
 
 class SpectraBatch(NamedTuple):
@@ -141,7 +146,7 @@ class _HalfGridMaps(NamedTuple):
 
 
 @lru_cache(maxsize=16)
-def _half_grid_maps_numpy(height: int, width: int) -> tuple[np.ndarray, ...]:
+def _half_grid_maps_numpy(height: int, width: int, tau: float = HF_THRESHOLD) -> tuple[np.ndarray, ...]:
     """Index maps restricted to the rfft2 half grid (columns 0 .. W // 2).
 
     The rfft2 coefficient (u, v) stands for itself and, when 0 < v < W / 2, for its mirror (-u, -v) too
@@ -164,13 +169,14 @@ def _half_grid_maps_numpy(height: int, width: int) -> tuple[np.ndarray, ...]:
     if width % 2 == 0:
         weight[:, -1] = 1.0
     mirror_sector[weight == 1.0] = NUM_ANGLES
-    hf_weight = np.where(radius > HF_THRESHOLD, weight, 0.0)
+    hf_weight = np.where(radius > tau, weight, 0.0)
     return weight.ravel(), hf_weight.ravel(), ring.ravel(), sector.ravel(), mirror_sector.ravel(), num_rings
 
 
 @lru_cache(maxsize=8)
-def _half_grid_maps(height: int, width: int, device: torch.device, dtype: torch.dtype) -> _HalfGridMaps:
-    weight, hf_weight, ring, sector, mirror_sector, num_rings = _half_grid_maps_numpy(height, width)
+def _half_grid_maps(height: int, width: int, device: torch.device, dtype: torch.dtype,
+                    tau: float = HF_THRESHOLD) -> _HalfGridMaps:
+    weight, hf_weight, ring, sector, mirror_sector, num_rings = _half_grid_maps_numpy(height, width, tau)
     return _HalfGridMaps(
         weight=torch.as_tensor(weight, dtype=dtype, device=device),
         hf_weight=torch.as_tensor(hf_weight, dtype=dtype, device=device),
@@ -213,7 +219,8 @@ def power_map(images_bchw: torch.Tensor, *, dtype: torch.dtype = torch.float64) 
     return spectrum.abs().square().mean(dim=1) / (height * width)
 
 
-def measure_spectra(images_bchw: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> SpectraBatch:
+def measure_spectra(images_bchw: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                    tau: float = HF_THRESHOLD) -> SpectraBatch:
     """Phenotype, radial and angular spectra of a batch of equally sized images (steps 1-7 above).
 
     images_bchw: (B, C, H, W) float tensor on any device (values on any scale: the normalisation removes
@@ -222,11 +229,12 @@ def measure_spectra(images_bchw: torch.Tensor, *, dtype: torch.dtype = torch.flo
     default; float64 for reference checks); the half spectrum stands for the full one by the symmetry
     P(-u, -v) = P(u, v) (exactly the full-grid sums), and dividing by the total power does the RMS
     normalisation (Parseval). Returns float64 tensors on the input's device.
+    `tau` (cycles/pixel) is the phenotype's frequency threshold (Eq. 14; 0.02 for 256-pixel images).
     """
     _check_batch(images_bchw)
     if images_bchw.device.type == "cpu" and images_bchw.shape[0] > CPU_CHUNK:
         # On a CPU, chunks that stay in cache run about twice as fast as one large batched FFT.
-        parts = [measure_spectra(images_bchw[i : i + CPU_CHUNK], dtype=dtype)
+        parts = [measure_spectra(images_bchw[i : i + CPU_CHUNK], dtype=dtype, tau=tau)
                  for i in range(0, images_bchw.shape[0], CPU_CHUNK)]
         return SpectraBatch(*(torch.cat(field) for field in zip(*parts)))
     batch = images_bchw.shape[0]
@@ -238,7 +246,7 @@ def measure_spectra(images_bchw: torch.Tensor, *, dtype: torch.dtype = torch.flo
     # so P = sum_c |F_c|^2 / (that total) is the normalised map without another pass over the pixels.
     half_spectrum = torch.fft.rfft2(x, norm="ortho")
     power = (half_spectrum.real.square() + half_spectrum.imag.square()).sum(dim=1).reshape(batch, -1)
-    maps = _half_grid_maps(height, width, power.device, power.dtype)
+    maps = _half_grid_maps(height, width, power.device, power.dtype, float(tau))
     weighted = power * maps.weight
     total = weighted.sum(dim=1)
     hf_power = (power @ maps.hf_weight) / total
@@ -367,6 +375,7 @@ def measure_folder(
     progress: bool = True,
     num_workers: int | None = None,
     on_error: Callable[[Path, str], None] | None = None,
+    tau: float = HF_THRESHOLD,
 ):
     """Measure every image under `root` (chain.images.list_images) and return an xarray.Dataset.
 
@@ -381,7 +390,7 @@ def measure_folder(
     and `angle` (radians). Radial rings depend on the analysed size: rows of images whose analysed size
     differs from the most common one (read from the file headers) are NaN in `radial_psd` (counted in attr
     `num_radial_mismatched`).
-    Attrs: PHENOTYPE_ATTRS, `num_images`, `num_failed`, `failed`, `root`.
+    Attrs: phenotype_attrs(tau), `num_images`, `num_failed`, `failed`, `root`.
     """
     import xarray as xr
 
@@ -447,7 +456,7 @@ def measure_folder(
                         stacked = torch.stack([m.image.to(torch.float32) for m in members]).to(device)
                     else:
                         stacked = torch.stack([m.image for m in members]).to(device)
-                    spectra = measure_spectra(stacked).numpy()
+                    spectra = measure_spectra(stacked, tau=tau).numpy()
                     if reference_shape is None:
                         reference_shape = tuple(shape[-2:])
                     for row, member in enumerate(members):
@@ -494,7 +503,7 @@ def measure_folder(
             "angle": angular_bins(),
         },
         attrs={
-            **PHENOTYPE_ATTRS,
+            **phenotype_attrs(tau),
             "root": str(root),
             "num_images": len(hf),
             "num_failed": len(failed),

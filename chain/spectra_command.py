@@ -29,12 +29,16 @@ def spectra(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and transformed at once.")]
     = 32,
     device: Annotated[str, typer.Option("--device", help="torch device for the FFTs, e.g. cpu or cuda.")] = "cpu",
+    tau: Annotated[float, typer.Option("--tau", help="Phenotype threshold in cycles/pixel (Eq. 14); 0.02 for "
+                                       "256-pixel images, 0.02 * 256 / size for smaller ones.")] = 0.02,
 ) -> None:
     """Measure the power-spectrum phenotype (hf_power) of every image in DIR and summarise it."""
     if not directory.exists():
         fail(f"{directory} does not exist; give the folder that holds the images")
     if not directory.is_dir():
         fail(f"{directory} is not a folder; give the folder that holds the images")
+    if not 0.0 <= tau < 0.7072:
+        fail(f"--tau {tau}: the threshold is a radial frequency in cycles/pixel, in [0, 1/sqrt(2))")
     if out is not None and out.suffix.lower() != ".nc":
         fail(f"--out {out}: the dataset is written as netCDF; use a file name ending in .nc")
     if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
@@ -64,7 +68,7 @@ def spectra(
         typer.echo(f"warning: skipped {path.relative_to(directory).as_posix()}: {reason}", err=True)
 
     ds = measure_folder(directory, batch_size=batch_size, device=torch_device, progress=not json_output,
-                        on_error=report)
+                        on_error=report, tau=tau)
     num_failed = int(ds.attrs["num_failed"])
     if ds.sizes["image"] == 0:
         fail(f"none of the {len(paths)} images under {directory} could be read")

@@ -20,11 +20,12 @@ half-written file.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
+from chain.atomic import atomic_write_path
 
 SCHEMA_VERSION = 1
 METRIC_NAMES = ("fd_dinov2", "recall", "sfd", "clip_score")
@@ -143,15 +144,8 @@ def write_metrics(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write netCDF4/HDF5 (h5netcdf) atomically: temp file in the same folder, then os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write_path(path) as tmp:
         ds.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -397,3 +397,19 @@ def test_measure_folder_mixes_8_and_16_bit_files(tmp_path):
         expected = measure_spectra(image[None], dtype=torch.float64).numpy()
         np.testing.assert_allclose(ds["hf_power"].values[i], expected.hf_power[0], atol=2e-6)
         np.testing.assert_allclose(ds["angular_psd"].values[i], expected.angular_psd[0], atol=2e-6)
+
+
+def test_tau_threshold_moves_the_phenotype_cut():
+    """hf_power(tau) = the energy of a grating counted only when its frequency lies above tau: a grating of
+    6 cycles per 32 pixels (r = 0.1875) counts fully at tau = 0.16 and not at tau = 0.2."""
+    import math
+
+    from chain.spectra import measure_spectra, phenotype_attrs
+
+    size = 32
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    grating = torch.cos(2 * math.pi * 6 * x / size).to(torch.float64)
+    images = grating.expand(1, 3, size, size).clone()
+    assert float(measure_spectra(images, dtype=torch.float64, tau=0.16).hf_power[0]) == pytest.approx(1.0, abs=1e-12)
+    assert float(measure_spectra(images, dtype=torch.float64, tau=0.2).hf_power[0]) == pytest.approx(0.0, abs=1e-12)
+    assert phenotype_attrs(0.16)["phenotype_tau"] == 0.16

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chain.toy._io import write_bytes_atomic
+from chain.atomic import write_bytes_atomic
 
 __all__ = [
     "COLOURS",

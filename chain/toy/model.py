@@ -159,7 +159,7 @@ def save_toy_base_model(model: ToyBaseModel, out_dir: str | os.PathLike, *, fp16
 
     from diffusers import EulerAncestralDiscreteScheduler
 
-    from chain.toy._io import write_text_atomic
+    from chain.atomic import write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

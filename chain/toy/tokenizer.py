@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from chain.toy._io import write_text_atomic
+from chain.atomic import write_text_atomic
 from chain.toy.dataset import COLOURS, SHAPES, TEXTURES
 
 __all__ = ["MODEL_MAX_LENGTH", "toy_words", "train_toy_tokenizer"]

@@ -1,0 +1,36 @@
+"""Atomic writes: a reader, or a writer killed half-way, never sees a partial file (no torch needed)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `path` (same suffix); on success it replaces `path` (os.replace),
+    on error it is removed. The file gets the usual permissions (umask), unlike tempfile.mkstemp's 0600."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    path = Path(path)
+    with atomic_write_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
