@@ -53,6 +53,7 @@ class FitConfig:
             "interval": self.interval, "num_starts": self.num_starts,
             "train_iterations": -1 if self.train_iterations is None else self.train_iterations,
             "num_bootstrap": self.num_bootstrap, "num_draws": self.num_draws,
+            "drift": int(spec.drift), "population": -1 if spec.population is None else spec.population,
         }
 
 
@@ -119,8 +120,18 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     problem = build_problem(train, config.spec, num_iterations=obs.max_iteration)
     k_start, k_unc, k_draw, k_noise = jax.random.split(key, 4)
 
+    init = None
+    if config.spec.drift:
+        # The drift likelihood has spurious stalls far from the optimum (huge drift explains anything at
+        # the price of its log-determinant); the default model's optimum, close to the drift one, is
+        # always among its starts.
+        base = build_problem(train, dataclasses.replace(config.spec, drift=False, population=None),
+                             num_iterations=obs.max_iteration)
+        first = minimize_multistart(base, num_starts=config.num_starts, key=k_start)
+        init = first.best.u if first.ok else None
     tick = progress("optimizing", config.num_starts) if progress else None
-    optimization = minimize_multistart(problem, num_starts=config.num_starts, key=k_start, progress=tick)
+    optimization = minimize_multistart(problem, num_starts=config.num_starts, key=k_start, init=init,
+                                       progress=tick)
     if not optimization.ok:
         messages = "; ".join(sorted({s.message for s in optimization.starts}))
         raise FitError(f"the optimization failed from all {len(optimization.starts)} starts ({messages}); "
@@ -140,7 +151,15 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     k_full = obs.max_iteration
     observed = align(obs, k_full)
     noise = np.asarray(jax.random.normal(k_noise, (draws.shape[0],) + observed["mean"].shape))
-    prediction = predict(problem, u_hat, draws, observed["num_images"], noise=noise)
+    band_images = observed["num_images"]
+    if config.spec.drift:
+        # prediction band of an observed mean under drift: its marginal variance Sigma_kk (fitting.drift),
+        # passed as the equivalent number of images V_k / Sigma_kk
+        from fitting.drift import observed_mean_variance
+
+        var_mean, var_obs = observed_mean_variance(problem, u_hat, observed["num_images"])
+        band_images = var_obs / var_mean
+    prediction = predict(problem, u_hat, draws, band_images, noise=noise)
 
     table = problem.natural(u_hat)
     lower, upper = table.copy(), table.copy()
@@ -154,7 +173,13 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
             identified[row, _IDX[name]] = unc.identified[i]
 
     train_iterations = train.iterations
-    gof = goodness_of_fit(observed, prediction, train_iterations, obs.conditions)
+    if config.spec.drift:
+        # same keys, drift-aware statistics (Mahalanobis forms under the joint normal of fitting.drift)
+        from fitting.drift import goodness_of_fit as drift_goodness_of_fit
+
+        gof = drift_goodness_of_fit(problem, u_hat, observed, train_iterations)
+    else:
+        gof = goodness_of_fit(observed, prediction, train_iterations, obs.conditions)
     forecast = None
     if config.train_iterations is not None:
         forecast = forecast_report(observed, prediction, config.train_iterations, obs.conditions)

@@ -68,6 +68,12 @@ def fit(
     = "likelihood",
     variance: Annotated[str, typer.Option(
         "--variance", help="Observed variance is V_G (genetic, the paper's) or V_P (phenotype).")] = "genetic",
+    drift: Annotated[bool, typer.Option(
+        "--drift/--no-drift", help="Model the chain's own finite-population drift (hard selection; the "
+                                   "per-iteration means and variances become correlated).")] = False,
+    population: Annotated[int | None, typer.Option(
+        "--population", help="Images generated per iteration when only a subset was measured (with "
+                             "--drift; default: all generated images were measured).")] = None,
     interval: Annotated[str, typer.Option("--interval", help="laplace, profile or bootstrap.")] = "laplace",
     bootstrap_samples: Annotated[int, typer.Option(
         "--bootstrap-samples", help="Replicates for --interval bootstrap.")] = 200,
@@ -99,7 +105,7 @@ def fit(
         fail(f"--train-iterations must be >= 1; got {train_iterations}")
     spec = ModelSpec(selection=model, mutation=mutation, variance=variance, objective=objective,
                      free=_names(free, "--free"), fixed=_fixes(fix),
-                     shared=_names(share, "--share") or DEFAULT_SHARED)
+                     shared=_names(share, "--share") or DEFAULT_SHARED, drift=drift, population=population)
     config = FitConfig(spec=spec, interval=interval, num_starts=starts, train_iterations=train_iterations,
                        num_bootstrap=bootstrap_samples)
     try:
@@ -117,11 +123,14 @@ def fit(
             result = fit_observations(obs, config, key=jax.random.key(seed), progress=progress)
             comparison = None
             if compare:
-                from fitting.compare import compare_variants
+                from fitting.compare import VARIANTS, compare_variants
 
+                # the drift model is derived for hard selection: compare the hard variants only
+                variants = tuple(v for v in VARIANTS if v[0] == "hard") if drift else VARIANTS
                 comparison = compare_variants(obs if train_iterations is None else result.train, spec,
                                               num_starts=max(2, min(starts, 4)), key=jax.random.key(seed + 1),
-                                              progress=progress("comparing models", 6))
+                                              variants=variants, progress=progress("comparing models",
+                                                                                   len(variants)))
     except (ObservationError, ModelError, FitError) as exc:
         fail(str(exc))
 

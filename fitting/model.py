@@ -20,6 +20,10 @@ so the negative log-likelihood of a cell is
 cells (iteration 0 once), this equals the Gaussian log-likelihood of the individual phenotypes up to a
 constant free of the parameters, so AIC and BIC differences are those of the per-image model.
 
+With `ModelSpec(drift=True)` the cells of iterations >= 1 are no longer independent: the chain's own
+finite-population drift (MODEL.md section 5) makes each condition's per-iteration (xbar, s^2) jointly normal
+with the covariance of `fitting.drift` (iteration 0 keeps the term above).
+
 Objective `least-squares`: 0.5 sum_cells ((xbar - mu_k) / s_ref)^2, the paper's visual fit to the means
 (s_ref = iteration-0 sd, a fixed scale); its intervals use the residual variance (see `uncertainty`).
 
@@ -78,6 +82,11 @@ class ModelSpec:
             sigma_g0 from iteration 0's mean and sd (as the paper does), tail_rate = inf (hard) or 0.1
             (soft), sigma_mut = 0, the others TraitParams' defaults.
         shared: parameters with one value for all conditions; mu0 and sigma_g0 always are.
+        drift: add the chain's own finite-population drift to the likelihood (`fitting.drift`: the
+            realized trajectory wanders around the recursion, so the per-iteration statistics of one
+            condition are jointly normal with a non-diagonal covariance). Hard selection, likelihood only.
+        population: images generated per iteration (N) when only a subset of them is measured; None =
+            every generated image is measured (N = the cell's number of images). Used with `drift` only.
     """
 
     selection: str = "hard"
@@ -87,6 +96,8 @@ class ModelSpec:
     free: tuple[str, ...] | None = None
     fixed: tuple[tuple[str, float], ...] = ()
     shared: tuple[str, ...] = DEFAULT_SHARED
+    drift: bool = False
+    population: int | None = None
 
     def free_names(self) -> tuple[str, ...]:
         if self.free is None:
@@ -141,6 +152,15 @@ class ModelSpec:
                 raise ModelError(f"--fix {name}={fixed[name]} must be a finite value >= 0")
         if "mu0" in fixed and not math.isfinite(fixed["mu0"]):
             raise ModelError("--fix mu0 must be finite")
+        if self.drift and self.selection != "hard":
+            raise ModelError("--drift supports --model hard only (the drift of soft selection is not "
+                             "derived); use --model hard or --no-drift")
+        if self.drift and self.objective != "likelihood":
+            raise ModelError("--drift needs --objective likelihood")
+        if self.population is not None and not self.drift:
+            raise ModelError("--population is used by the drift model only; add --drift")
+        if self.population is not None and self.population < 2:
+            raise ModelError(f"--population must be >= 2; got {self.population}")
         if not free:
             raise ModelError("no free parameter left: --free/--fix leave nothing to fit")
 
@@ -158,6 +178,8 @@ class Layout:
     variance: str
     objective: str
     num_iterations: int
+    drift: bool = False
+    population: int | None = None
 
     @property
     def size(self) -> int:
@@ -271,6 +293,10 @@ def build_problem(obs: Observations, spec: ModelSpec, *, num_iterations: int | N
     v_ref = cells.var[ref][cells.num_images[ref] >= 2]
     s_ref = float(np.sqrt(v_ref.mean())) if v_ref.size and v_ref.mean() > 0 else max(abs(m_ref), 1e-3)
 
+    if spec.drift and spec.population is not None and cells.num_images.max() > spec.population:
+        raise ModelError(f"--population {spec.population} is smaller than the {int(cells.num_images.max())} "
+                         f"images of a cell of {obs.source}; give the number of images generated per "
+                         "iteration (>= the number measured)")
     conditions = obs.conditions
     num_c = len(conditions)
     free_names = spec.free_names()
@@ -290,7 +316,8 @@ def build_problem(obs: Observations, spec: ModelSpec, *, num_iterations: int | N
 
     k = int(obs.max_iteration if num_iterations is None else num_iterations)
     layout = Layout(num_conditions=num_c, free=tuple(free), mutation_mode=spec.mutation_mode,
-                    variance=spec.variance, objective=spec.objective, num_iterations=k)
+                    variance=spec.variance, objective=spec.objective, num_iterations=k,
+                    drift=spec.drift, population=spec.population)
     return Problem(spec=spec, conditions=conditions, layout=layout, fixed=fixed,
                    scale=np.array([m_ref, s_ref]), data=data_arrays(cells),
                    num_observations=cells.num_observations, num_cells=len(cells.mean))
@@ -422,7 +449,16 @@ def _objective_and_moments(u, fixed, scale, data, layout):
     if layout.objective == "least-squares":
         value = 0.5 * jnp.sum(((data.mean - mu) / scale[1]) ** 2)
     else:
-        value = jnp.sum(cell_nll(mu, v, data.num_images, data.mean, data.var))
+        terms = cell_nll(mu, v, data.num_images, data.mean, data.var)
+        if layout.drift:
+            # iteration 0 keeps its cell term; the later iterations are jointly normal (fitting.drift)
+            from fitting.drift import drift_nll
+
+            value = jnp.sum(jnp.where(data.iteration == 0, terms, 0.0)) + drift_nll(
+                table, data, num_iterations=layout.num_iterations, mutation_mode=layout.mutation_mode,
+                variance=layout.variance, population=layout.population)
+        else:
+            value = jnp.sum(terms)
     return jnp.where(jnp.isfinite(value), value, jnp.inf), (mean, var)
 
 

@@ -67,6 +67,8 @@ def to_json(result: FitResult, *, comparison: list[dict] | None = None) -> dict[
         "mutation": result.config.spec.mutation,
         "objective": result.config.spec.objective,
         "variance": result.config.spec.variance,
+        "drift": result.config.spec.drift,
+        "population": result.config.spec.population,
         "interval": unc.method,
         "warnings": list(result.warnings),
         "not_identified": [labels[i] for i in np.flatnonzero(~unc.identified)],
@@ -182,8 +184,8 @@ def render_tables(result: FitResult, console, *, comparison: list[dict] | None =
     from rich.table import Table
 
     spec = result.config.spec
-    title = (f"qtm fit: {spec.selection} selection, mutation {spec.mutation}, {spec.objective}, "
-             f"{result.uncertainty.method} 95 % intervals")
+    title = (f"qtm fit: {spec.selection} selection, mutation {spec.mutation}, {spec.objective}"
+             f"{' with drift' if spec.drift else ''}, {result.uncertainty.method} 95 % intervals")
     table = Table(title=title)
     for col in ("parameter", "condition", "estimate", "95 % interval", ""):
         table.add_column(col, justify="right" if col in ("estimate",) else "left")
