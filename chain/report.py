@@ -43,12 +43,11 @@ def iteration_images(run_dir: Path, condition: str, iteration: int) -> list[Path
     if iteration == 0:
         config_path = Path(run_dir) / "config.toml"
         if config_path.is_file():
-            data_path = tomllib.loads(config_path.read_text()).get("data", {}).get("path", "")
-            root = Path(data_path)
-            if not root.is_absolute():
-                root = (Path(run_dir) / root).resolve()
-            if root.is_dir():
-                return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            data_path = Path(tomllib.loads(config_path.read_text()).get("data", {}).get("path", ""))
+            # an absolute path, else relative to the run directory, else to the working directory
+            for root in (Path(run_dir) / data_path, data_path):
+                if str(data_path) and root.is_dir():
+                    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     return []
 
 

@@ -64,7 +64,8 @@ def plot_fit_dataset(fit, path: str | Path) -> Path:
     for k in range(num, rows * cols):
         axes[k // cols][k % cols].axis("off")
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{fit.attrs.get('model', '')} selection, mutation {fit.attrs.get('mutation', '')} "
+    drift = " with the chain's drift" if str(fit.attrs.get("drift", "")).lower() in ("1", "true") else ""
+    fig.suptitle(f"{fit.attrs.get('model', '')} selection, mutation {fit.attrs.get('mutation', '')}{drift} "
                  f"({fit.attrs.get('interval', '')})")
     fig.tight_layout()
     path = Path(path)

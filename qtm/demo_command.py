@@ -3,7 +3,7 @@
 1. D_0: the procedural captioned toy images (chain.toy.make_toy_dataset), written into the run folder.
 2. The Chain of Diffusion (chain.run.run_chain) from the committed toy base model, for a low CFG, a high
    CFG and ReDiFine (exponentially decaying CFG + condition drop), measured with the toy feature encoder.
-3. `qtm fit` on the measured phenotypes (fitting.driver.fit_observations) -> fit.nc.
+3. `qtm fit --drift` on the measured phenotypes (fitting.driver.fit_observations) -> fit.nc.
 4. `qtm report` on the run folder -> report/.
 
 Rerunning continues where a previous run stopped (the chain is resumable; the fit and report are redone).
@@ -53,7 +53,7 @@ def demo_config(data_dir: Path, settings: DemoSettings, *, seed: int):
     s = settings
     return config_from_dict({
         "run": {"num_iterations": s.num_iterations, "seed": seed, "device": "cpu", "dataset_name": "toy-d0"},
-        "data": {"path": str(data_dir), "caption_extension": ".txt", "resolution": 32},
+        "data": {"path": str(data_dir.resolve()), "caption_extension": ".txt", "resolution": 32},
         "model": {"path": str(toy_base_model_dir())},
         "finetune": {"rank": s.rank, "alpha": s.alpha, "unet_lr": s.unet_lr, "text_encoder_lr": s.text_encoder_lr,
                      "batch_size": s.batch_size, "epochs": s.epochs, "mixed_precision": "no", "clip_skip": 2},
@@ -78,6 +78,7 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
     from chain.run import run_chain
     from chain.toy import load_toy_encoder, make_toy_dataset
     from fitting.driver import FitConfig, fit_observations
+    from fitting.model import ModelSpec
     from fitting.observations import load_observations
     from fitting.results import write_fit
     from qtm.report_command import build_report
@@ -95,7 +96,10 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
     console = Console(stderr=True, quiet=not progress)
     t1 = time.perf_counter()
     with console.status("qtm fit: selection per condition from the measured phenotypes"):
-        result = fit_observations(load_observations(out), FitConfig(), key=jax.random.key(seed))
+        # Every generated image is measured and is the next iteration's training set: the chain's own
+        # finite-population drift belongs in the likelihood (fitting.drift).
+        config_fit = FitConfig(spec=ModelSpec(drift=True))
+        result = fit_observations(load_observations(out), config_fit, key=jax.random.key(seed))
         fit_path = write_fit(result, out / "fit.nc", seed=seed, command="qtm demo")
     seconds["fit"] = time.perf_counter() - t1
 

@@ -89,3 +89,21 @@ def test_report_skips_absent_metrics(tmp_path):
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert not (run / "report" / "fd_dinov2.png").exists()
+
+
+def test_iteration_zero_comes_from_the_configured_dataset(tmp_path):
+    """Without images/<condition>/0 the grid shows D_0 from config.toml's data.path (relative to the run)."""
+    import shutil
+
+    run, _ = make_run(tmp_path)
+    data = run / "data"
+    data.mkdir()
+    for i in range(5):
+        Image.new("RGB", (16, 16), (9, 99, 199)).save(data / f"d{i}.png")
+    for condition in CONDITIONS:
+        shutil.rmtree(run / "images" / condition / "0")
+    (run / "config.toml").write_text('[data]\npath = "data"\n')
+    metrics = xr.open_dataset(run / "metrics.nc", engine="h5netcdf")
+    grid = image_grid(run, metrics, images_per_cell=2, thumb=8)
+    assert tuple(grid[4, 4]) == (9, 99, 199)
+    assert tuple(grid[12 + 4, 4]) == (9, 99, 199)
