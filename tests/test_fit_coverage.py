@@ -11,7 +11,8 @@ Two data sources:
   measured. The fit's model is the deterministic recursion (the N -> infinity limit, MODEL.md section 5);
   the chain's own drift (a finite selected sample sets the next iteration's mean and variance) is not in
   the likelihood, so coverage falls a little short (measured 0.917 over 100 seeds), and far short when the
-  whole population is measured (N = 1000 images: 0.43 over 50 seeds).
+  whole population is measured (N = 1000 images: 0.43 over 50 seeds). The drift-aware likelihood
+  (`--drift`, fitting/drift.py) is the model for that case; its coverage study is in test_fit_drift.py.
 """
 
 import jax
