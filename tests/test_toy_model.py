@@ -1,8 +1,10 @@
 """The committed toy base model M_0: offline loading, pixel-space layout, CLIP-skip conditioning, the sampler
-against diffusers' own Euler-ancestral step, and generated images that the toy encoder recognises.
+(chain.sampling through sample_images) against diffusers' own Euler-ancestral step, and generated images that
+the toy encoder recognises.
 
 References: diffusers' EulerAncestralDiscreteScheduler.step (the sampler), the CLIP-skip definition applied by
-hand (the embeddings), a binomial tail against the best caption-blind guess (recognition).
+hand (the embeddings), a binomial tail against the best caption-blind guess (recognition), the weights as
+diffusers and transformers load them (the chain's loader).
 """
 
 import json
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from chain.toy.dataset import caption_for, sample_scene
-from chain.toy.model import encode_prompts, load_toy_base_model, sample_images, toy_base_model_dir
+from chain.text import encode_prompts
+from chain.toy.model import CLIP_SKIP, load_toy_base_model, sample_images, toy_base_model_dir
 from chain.toy.tokenizer import toy_words
 
 
@@ -69,42 +72,40 @@ def test_every_caption_word_is_one_token(model):
     assert tok("").input_ids == [tok.bos_token_id, tok.eos_token_id]
 
 
-def test_prompt_embedding_is_clip_skip_2(model):
-    te, tok = model.text_encoder, model.tokenizer
-    prompts = ["a red circle on a white background", ""]
+def _clip_skip_2_by_hand(te, tok, prompts):
+    """Run the embeddings and all but the last encoder layer, then the final layer norm."""
     ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        # By hand: run the embeddings and all but the last encoder layer, then the final layer norm.
         h = te.embeddings(input_ids=ids)
         causal = torch.full((77, 77), float("-inf")).triu(1)[None, None]
         for layer in te.encoder.layers[:-1]:
             out = layer(h, attention_mask=causal)
             h = out[0] if isinstance(out, tuple) else out
-        expected = te.final_layer_norm(h)
-        got = encode_prompts(te, tok, prompts)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    chain_text = pytest.importorskip("chain.text")
+        return te.final_layer_norm(h)
+
+
+def test_prompt_embedding_is_clip_skip_2(model):
+    te, tok = model.text_encoder, model.tokenizer
+    prompts = ["a red circle on a white background", ""]
+    assert CLIP_SKIP == 2
     with torch.no_grad():
-        theirs = chain_text.encode_prompts(te, tok, prompts, clip_skip=2, max_length=77)
-    torch.testing.assert_close(got, theirs)
+        got = encode_prompts(te, tok, prompts, clip_skip=CLIP_SKIP, max_length=tok.model_max_length)
+    torch.testing.assert_close(got, _clip_skip_2_by_hand(te, tok, prompts), atol=1e-5, rtol=1e-5)
 
 
 def test_sampler_matches_diffusers_step_and_is_batch_independent(model):
     from diffusers import EulerAncestralDiscreteScheduler
 
     prompts = ["a blue square on a gray background", "a green triangle with fine checks on a white background"]
-    ours = sample_images(model, prompts, generators=[torch.Generator().manual_seed(s) for s in (7, 8)],
-                         num_steps=6, cfg_scale=3.0)
-    alone = sample_images(model, prompts[1:], generators=[torch.Generator().manual_seed(8)], num_steps=6,
-                          cfg_scale=3.0)
+    ours = sample_images(model, prompts, seeds=[7, 8], num_steps=6, cfg_scale=3.0)
+    alone = sample_images(model, prompts[1:], seeds=[8], num_steps=6, cfg_scale=3.0)
     torch.testing.assert_close(ours[1:], alone, atol=1e-5, rtol=0)
-    # Reference: diffusers' own scheduler step, one image, its generator passed to step().
+    # Reference: diffusers' own scheduler step, one image, its generator passed to step(), embeddings by hand.
     g = torch.Generator().manual_seed(7)
     sched = EulerAncestralDiscreteScheduler.from_config(model.scheduler_config)
     sched.set_timesteps(6)
+    emb = _clip_skip_2_by_hand(model.text_encoder, model.tokenizer, ["", prompts[0]])
     with torch.no_grad():
-        emb = torch.cat([encode_prompts(model.text_encoder, model.tokenizer, [""]),
-                         encode_prompts(model.text_encoder, model.tokenizer, prompts[:1])])
         x = torch.randn(1, 3, 32, 32, generator=g) * sched.init_noise_sigma
         for t in sched.timesteps:
             eps_u, eps_c = model.unet(sched.scale_model_input(torch.cat([x, x]), t), t,
@@ -142,7 +143,7 @@ def test_generated_images_are_recognised_for_their_captions(model):
 
     scenes = _balanced_d0_scenes(2, seed=2024)
     images = sample_images(model, [caption_for(s) for s in scenes],
-                           generators=[torch.Generator().manual_seed(100 + i) for i in range(len(scenes))],
+                           seeds=[100 + i for i in range(len(scenes))],
                            num_steps=20, cfg_scale=5.0)
     pred = load_toy_encoder().predict(images)
     for head, chance in (("colour", 1 / 4), ("shape", 1 / 3)):
@@ -151,15 +152,20 @@ def test_generated_images_are_recognised_for_their_captions(model):
         assert _binomial_tail(hits, len(truth), chance) < 0.01, (head, hits, pred[head], truth)
 
 
-def test_chain_loader_and_sampler_agree_with_the_toy_ones(model):
-    models = pytest.importorskip("chain.models")
-    sampling = pytest.importorskip("chain.sampling")
-    guidance = pytest.importorskip("chain.guidance")
-    loaded = models.load_base_model(str(toy_base_model_dir()))
+def test_chain_loader_reads_the_toy_folder(model):
+    """chain.models.load_base_model gives the pixel-space model whose weights, tokenizer and schedule are those
+    that diffusers and transformers load from the folder (the fixture)."""
+    from chain.models import load_base_model
+
+    loaded = load_base_model(str(toy_base_model_dir()))
     assert loaded.is_pixel_space and loaded.vae is None
-    prompts = ["a yellow circle with coarse vertical stripes on a black background", "a red square on a blue background"]
-    theirs = sampling.generate(loaded, prompts, [3, 4], guidance.Constant(4.0), num_steps=5, resolution=32,
-                               clip_skip=2, batch_size=2)
-    ours = sample_images(model, prompts, generators=[torch.Generator().manual_seed(s) for s in (3, 4)],
-                         num_steps=5, cfg_scale=4.0)
-    torch.testing.assert_close(theirs.images, ours, atol=1e-4, rtol=0)
+    for ours, theirs in ((loaded.unet, model.unet), (loaded.text_encoder, model.text_encoder)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    prompt = "a yellow circle with coarse vertical stripes on a black background"
+    assert loaded.tokenizer(prompt).input_ids == model.tokenizer(prompt).input_ids
+    assert loaded.max_token_length == 77
+    assert loaded.scheduler_config["trained_betas"] == model.scheduler_config["trained_betas"]
+    assert loaded.scheduler_config["timestep_spacing"] == model.scheduler_config["timestep_spacing"]

@@ -2,10 +2,9 @@
 
 Pixel space (no ``vae/``): the UNet denoises RGB images scaled to [-1, 1] directly (DESIGN.md, chain engine
 contract). The prompt embedding is CLIP skip 2 (REFERENCE.md "Versions and their traps"): hidden state [-2]
-of the text encoder, then its final layer norm, for the conditional and the empty prompt alike.
-
-Also here: a written-out Euler-ancestral sampler with classifier-free guidance (REFERENCE.md "Generation")
-that the toy world uses to check its own model; the chain's own sampler lives in chain/sampling.py.
+of the text encoder, then its final layer norm, for the conditional and the empty prompt alike, computed by
+chain.text with ``clip_skip=CLIP_SKIP``. Images come from the chain's own sampler (chain.sampling);
+``sample_images`` only fills in the toy model's settings.
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "CLIP_SKIP",
     "ToyModelConfig",
     "ToyBaseModel",
     "build_toy_model",
-    "encode_prompts",
     "load_toy_base_model",
     "sample_images",
     "save_toy_base_model",
@@ -29,6 +28,9 @@ __all__ = [
 ]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+
+# Prompt embeddings of the toy model, in pretraining and sampling alike (chain.text.encode_prompts).
+CLIP_SKIP = 2
 
 
 def toy_base_model_dir() -> Path:
@@ -139,19 +141,6 @@ def build_toy_model(cfg: ToyModelConfig, tokenizer, *, generator: torch.Generato
     return ToyBaseModel(unet, text_encoder, tokenizer, _scheduler_config(cfg))
 
 
-def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """CLIP-skip-2 prompt embeddings (B, 77, D): hidden state [-2], then the final layer norm."""
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
-    out = text_encoder(ids, output_hidden_states=True)
-    return text_encoder.final_layer_norm(out.hidden_states[-2])
-
-
 def save_toy_base_model(model: ToyBaseModel, out_dir: str | os.PathLike, *, fp16: bool = False) -> Path:
     """Write ``model`` as a diffusers-format folder without ``vae/``: model_index.json, unet/, text_encoder/,
     tokenizer/, scheduler/. Weights are safetensors (fp16 storage when ``fp16``; they load as fp32)."""
@@ -210,56 +199,18 @@ def sample_images(
     model: ToyBaseModel,
     prompts: list[str],
     *,
-    generators: list[torch.Generator],
+    seeds: list[int],
     num_steps: int = 30,
     cfg_scale: float = 7.5,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Euler-ancestral sampling with classifier-free guidance, one seeded generator per image.
+    """Images (N, 3, H, W) in [0, 1] from chain.sampling.generate with constant CFG scale ``cfg_scale``, CLIP
+    skip ``CLIP_SKIP`` and the model's own resolution; one seed per prompt (chain.sampling.make_generator),
+    so an image does not depend on the batch it is in."""
+    from chain.guidance import Constant
+    from chain.models import BaseModel
+    from chain.sampling import generate
 
-    eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022), one batched UNet call for the conditional and the
-    empty prompt. Initial noise and each ancestral step's noise come from the image's own generator, so an
-    image does not depend on the batch it is in. Returns (N, 3, H, W) in [0, 1].
-    """
-    from diffusers import EulerAncestralDiscreteScheduler
-
-    if len(generators) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(generators)} generators; pass one per prompt")
-    unet, te, tok = model.unet, model.text_encoder, model.tokenizer
-    res = unet.config.sample_size
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start : start + batch_size])
-        gens = generators[start : start + batch_size]
-        b = len(batch)
-        sched = EulerAncestralDiscreteScheduler.from_config(model.scheduler_config)
-        sched.set_timesteps(num_steps)
-        cond = encode_prompts(te, tok, batch)
-        uncond = encode_prompts(te, tok, [""]).expand(b, -1, -1)
-        emb = torch.cat([uncond, cond])
-        x = torch.stack([torch.randn(3, res, res, generator=g) for g in gens]) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            xin = sched.scale_model_input(torch.cat([x, x]), t)
-            eps_u, eps_c = unet(xin, t, encoder_hidden_states=emb).sample.chunk(2)
-            eps = eps_u + cfg_scale * (eps_c - eps_u)
-            x = _euler_ancestral_step(sched, eps, t, x, gens)
-        out.append(((x.clamp(-1, 1) + 1) / 2).float())
-    return torch.cat(out)
-
-
-def _euler_ancestral_step(sched, eps, t, x, gens):
-    """One Euler-ancestral step (diffusers' EulerAncestralDiscreteScheduler.step, epsilon prediction) with
-    per-image noise generators."""
-    if sched.step_index is None:
-        sched._init_step_index(t)
-    i = sched.step_index
-    sigma_from, sigma_to = sched.sigmas[i], sched.sigmas[i + 1]
-    x0 = x - sigma_from * eps
-    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-    d = (x - x0) / sigma_from
-    x = x + d * (sigma_down - sigma_from)
-    noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
-    x = x + noise * sigma_up
-    sched._step_index += 1
-    return x
+    base = BaseModel(model.unet, model.text_encoder, model.tokenizer, model.scheduler_config)
+    return generate(base, list(prompts), list(seeds), Constant(cfg_scale), num_steps=num_steps,
+                    resolution=model.unet.config.sample_size, clip_skip=CLIP_SKIP, batch_size=batch_size).images

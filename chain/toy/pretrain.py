@@ -4,7 +4,7 @@
 
 Denoising objective of DDPM (Ho et al. 2020) with epsilon prediction and min-SNR-5 weighting
 (Hang et al. 2023: weight min(SNR, 5) / SNR on the epsilon loss), UNet and text encoder trained together from
-scratch, the prompt embedding exactly as the chain computes it (CLIP skip 2, chain/toy/model.py), 10 % of the
+scratch, the prompt embedding exactly as the chain computes it (chain.text, CLIP skip 2), 10 % of the
 captions replaced by "" so that classifier-free guidance works. Every batch is fresh data drawn from
 ``numpy.random.default_rng([seed, step])``, and the learning rate is constant after a warm-up, so a run
 stopped after N steps equals a run asked for N steps, and a checkpointed run resumes bit-for-bit. The saved
@@ -47,7 +47,8 @@ def _loss(unet, text_encoder, tokenizer, alphas_cumprod, images_01, captions, cf
     on [0, num_timesteps)."""
     import torch
 
-    from chain.toy.model import encode_prompts
+    from chain.text import encode_prompts
+    from chain.toy.model import CLIP_SKIP
 
     x0 = images_01 * 2.0 - 1.0
     b = x0.shape[0]
@@ -57,7 +58,7 @@ def _loss(unet, text_encoder, tokenizer, alphas_cumprod, images_01, captions, cf
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     drop = torch.rand(b, generator=generator) < cfg.caption_dropout
     prompts = ["" if d else c for d, c in zip(drop.tolist(), captions)]
-    emb = encode_prompts(text_encoder, tokenizer, prompts)
+    emb = encode_prompts(text_encoder, tokenizer, prompts, clip_skip=CLIP_SKIP, max_length=tokenizer.model_max_length)
     pred = unet(xt, t, encoder_hidden_states=emb).sample
     snr = ab.view(b) / (1 - ab.view(b))
     weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
@@ -124,7 +125,7 @@ def pretrain(out_dir: Path, cfg: PretrainConfig, *, checkpoint: Path, resolution
         rng = np.random.default_rng(1234)
         _, scenes = sample_toy_images(rng, 16, resolution=resolution, distribution="pretrain")
         imgs = sample_images(export, [caption_for(s) for s in scenes],
-                             generators=[torch.Generator().manual_seed(i) for i in range(16)],
+                             seeds=list(range(16)),
                              num_steps=20, cfg_scale=4.0)
         grid = imgs.reshape(4, 4, 3, resolution, resolution).permute(0, 3, 1, 4, 2).reshape(4 * resolution, 4 * resolution, 3)
         from PIL import Image
