@@ -49,6 +49,8 @@ from jax.scipy.special import gammaln
 from fitting.observations import CellStatistics, Observations, cell_statistics
 from qtm.params import PARAM_NAMES, TraitParams, require_x64
 
+_expit = scipy.special.expit  # the logistic 1 / (1 + exp(-x)), without overflow warnings
+
 SELECTIONS = ("hard", "soft")
 MUTATIONS = ("none", "paper", "additive")
 VARIANCES = ("genetic", "phenotype")
@@ -399,7 +401,7 @@ def report_scale(name: str, value):
 def from_report_scale(name: str, g: np.ndarray) -> np.ndarray:
     g = np.asarray(g, dtype=np.float64)
     if name in ("r1", "r2"):
-        return 1.0 / (1.0 + np.exp(-g))
+        return _expit(g)
     if name == "mu0":
         return g
     return np.exp(g)
@@ -533,9 +535,9 @@ def embed(problem: Problem, w, g: float, index: int) -> tuple[np.ndarray, int, f
         z = g
     elif kind == 3:
         z = g + np.logaddexp(0.0, u[partner])
-        dz = 1.0 / (1.0 + np.exp(-u[partner]))
+        dz = _expit(u[partner])
     else:
-        r = 1.0 / (1.0 + np.exp(-g))
+        r = _expit(g)
         frac = min(max(r / (1.0 - other), 1e-300), 1.0 - 1e-16)
         z = math.log(frac) - math.log1p(-frac)
     u[index] = z
