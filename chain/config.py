@@ -184,6 +184,9 @@ class ChainConfig:
             bad("sampling.num_steps", "must be >= 1")
         if self.sampling.batch_size < 1:
             bad("sampling.batch_size", "must be >= 1")
+        if not self.finetune.cache_latents:
+            bad("finetune.cache_latents", "must be true: latents (both flips) are always encoded once and cached; "
+                "a fresh VAE sample per step is not implemented")
         if not 0.0 <= self.metrics.phenotype_tau < 0.7072:
             bad("metrics.phenotype_tau", "must lie in [0, 1/sqrt(2)) cycles/pixel (0.02 at 256 pixels)")
         if self.sampling.images_per_prompt < 1:

@@ -35,11 +35,22 @@ def _pyplot():
     return plt
 
 
+def _image_files(root: Path) -> list[Path]:
+    """Image files under `root`, sorted by relative path, without hidden files or folders (names starting
+    with '.': temp files of interrupted writes, macOS AppleDouble files), as chain.images.list_images."""
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if path.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel.parts):
+            found.append((rel.as_posix(), path))
+    return [path for _, path in sorted(found)]
+
+
 def iteration_images(run_dir: Path, condition: str, iteration: int) -> list[Path]:
     """The image files of one (condition, iteration); iteration 0 falls back to the original images (D_0)."""
     folder = Path(run_dir) / "images" / condition / str(iteration)
     if folder.is_dir():
-        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return _image_files(folder)
     if iteration == 0:
         config_path = Path(run_dir) / "config.toml"
         if config_path.is_file():
@@ -47,7 +58,7 @@ def iteration_images(run_dir: Path, condition: str, iteration: int) -> list[Path
             # an absolute path, else relative to the run directory, else to the working directory
             for root in (Path(run_dir) / data_path, data_path):
                 if str(data_path) and root.is_dir():
-                    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                    return _image_files(root)
     return []
 
 

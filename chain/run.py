@@ -24,6 +24,7 @@ import math
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -333,9 +334,13 @@ def measure(images: torch.Tensor, *, encoder=None, batch_size: int = 32, tau: fl
         from chain.features import extract_features
 
         features = extract_features(encoder, images, batch_size=batch_size)
-    return Measurements(
-        np.concatenate(hf), np.concatenate(radial).mean(axis=0), np.concatenate(angular).mean(axis=0), features
-    )
+    # A constant image (one grey level) has no AC energy: its phenotype and spectra are undefined (NaN) and
+    # it is left out of the mean spectra rather than blanking them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a cell of constant images only: NaN spectra
+        radial_mean = np.nanmean(np.concatenate(radial), axis=0)
+        angular_mean = np.nanmean(np.concatenate(angular), axis=0)
+    return Measurements(np.concatenate(hf), radial_mean, angular_mean, features)
 
 
 def feature_metrics(features: np.ndarray | None, features_0: np.ndarray | None, *, ipp: int, k: int) -> dict:
@@ -444,6 +449,12 @@ def run_chain(
         expected = [c.name for c in config.conditions]
         if list(map(str, ds.condition.values)) != expected or ds.sizes["iteration"] != config.run.num_iterations + 1:
             raise RunError(f"{metrics_path} does not match the config's conditions/iterations; use a new --out")
+        if ds.sizes["image"] != n * ipp:
+            raise RunError(
+                f"{metrics_path} holds {ds.sizes['image']} images per iteration but {config.data.path} now gives "
+                f"{n * ipp} ({n} images x {ipp} per prompt): the original images changed since this run started; "
+                "restore them or use a new --out"
+            )
     else:
         attrs = {
             "dataset": config.run.dataset_name or Path(config.data.path).name,
@@ -485,7 +496,8 @@ def run_chain(
             ds = store.record(ds, condition=None, iteration=0, hf_power=m0.hf_power, radial_psd=m0.radial_psd,
                               angular_psd=m0.angular_psd, metrics=extra)
             store.write_metrics(ds, metrics_path)
-            reporter.event("measured", condition="*", iteration=0, hf_power_mean=_finite_mean(m0.hf_power))
+            reporter.event("measured", condition="*", iteration=0, hf_power_mean=_finite_mean(m0.hf_power),
+                           num_undefined=int(np.isnan(m0.hf_power).sum()))
         prompts = tuple(originals.captions[i // ipp] for i in range(n * ipp))
         total = len(config.conditions) * config.run.num_iterations
         overall = reporter.task("chain", total=total)
@@ -529,7 +541,8 @@ def run_chain(
                     store.write_metrics(ds, metrics_path)
                     reporter.event("iteration_done", condition=condition.name, iteration=k,
                                    seconds=time.perf_counter() - t0, train_loss=result.train_loss,
-                                   hf_power_mean=_finite_mean(mk.hf_power), **extra)
+                                   hf_power_mean=_finite_mean(mk.hf_power),
+                                   num_undefined=int(np.isnan(mk.hf_power).sum()), **extra)
                 accelerator.wait_for_everyone()
                 if not is_main:
                     ds = store.read_metrics(metrics_path)

@@ -75,7 +75,8 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
     import jax
     from rich.console import Console
 
-    from chain.run import run_chain
+    from chain.config import config_to_toml
+    from chain.run import RunError, run_chain
     from chain.toy import load_toy_encoder, make_toy_dataset
     from fitting.driver import FitConfig, fit_observations
     from fitting.model import ModelSpec
@@ -87,9 +88,16 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     data_dir = out / "data"
-    if not any(data_dir.glob("*.png")):
-        make_toy_dataset(data_dir, num_images=settings.num_images, seed=seed, resolution=32, distribution="d0")
     config = demo_config(data_dir, settings, seed=seed)
+    previous = out / "config.toml"
+    if (out / "metrics.nc").exists() and previous.is_file() and previous.read_text() != config_to_toml(config):
+        # checked before D_0 is touched, so another run's images are never rewritten
+        raise RunError(f"{previous} holds a different configuration: this folder belongs to another run")
+    # D_0 is a pure function of the seed: (re)write it unless exactly the expected image/caption pairs are
+    # there (a demo killed while writing it leaves a partial folder; rewriting gives the same bytes).
+    pngs = sorted(data_dir.glob("*.png"))
+    if len(pngs) != settings.num_images or not all(p.with_suffix(".txt").is_file() for p in pngs):
+        make_toy_dataset(data_dir, num_images=settings.num_images, seed=seed, resolution=32, distribution="d0")
     run_chain(config, out, progress=progress, encoder=load_toy_encoder())
     seconds["chain"] = time.perf_counter() - t0
 
@@ -123,12 +131,19 @@ def demo(
         fail(f"--out {out} exists and is not a directory")
     settings = DemoSettings.quick() if quick else DemoSettings()
     from chain.config import ConfigError
+    from chain.data import DatasetError
+    from chain.models import ModelLoadError
     from chain.run import RunError
+    from fitting.driver import FitError
+    from fitting.model import ModelError
+    from fitting.observations import ObservationError
 
     try:
         result = run_demo(out, settings, seed=seed, progress=not as_json)
     except (ConfigError, RunError) as err:
         fail(f"{err} (a run folder from another demo size? use a new --out)")
+    except (DatasetError, ModelLoadError, ObservationError, ModelError, FitError) as err:
+        fail(str(err))
     if as_json:
         print_json(result)
         return

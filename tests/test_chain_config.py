@@ -77,3 +77,15 @@ def test_resolved_toml_round_trips(tmp_path):
     cfg = load_config(EXAMPLES / "paper_sd15.toml")
     p = _write(tmp_path, config_to_toml(cfg))
     assert load_config(p) == cfg
+
+
+def test_uncached_latents_are_refused_not_ignored():
+    """finetune.cache_latents = false is not implemented: the config says so instead of silently caching."""
+    import pytest
+
+    from chain.config import ConfigError, config_from_dict
+
+    table = {"data": {"path": "d"}, "model": {"path": "tiny"}, "finetune": {"cache_latents": False},
+             "conditions": [{"name": "a", "schedule": "constant", "scale": 1.0}]}
+    with pytest.raises(ConfigError, match="finetune.cache_latents"):
+        config_from_dict(table, where="t.toml").validate("t.toml")

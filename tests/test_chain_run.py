@@ -190,3 +190,37 @@ def test_cli_errors_name_the_problem(tmp_path, example_config):
     cfg_b = tiny_config(tmp_path / "d", num_iterations=2, conditions=[{"name": "a", "scale": 1.0}])
     with pytest.raises(RunError, match="config.toml"):
         run_chain(cfg_b, tmp_path / "run", progress=False, stages=lambda job: IterationResult(images=job.train_images))
+
+
+def test_resume_refuses_changed_original_images(tmp_path):
+    """A run resumed on a D_0 folder that gained an image is refused with a message, not padded or crashed."""
+    data = make_captioned_folder(tmp_path / "data", num_images=3, size=32, seed=1)
+    cfg = tiny_config(data, num_iterations=2, conditions=[{"name": "a", "scale": 1.0}])
+    copy_stage = lambda job: IterationResult(images=job.train_images)  # noqa: E731
+    with pytest.raises(_Interrupt):
+        run_chain(cfg, tmp_path / "out", progress=False, stages=copy_stage, after_cell=_stop_after_first)
+    before = read_metrics(tmp_path / "out" / "metrics.nc").hf_power.values.copy()
+    make_captioned_folder(tmp_path / "more", num_images=4, size=32, seed=1)
+    for name in ("img_03.png", "img_03.txt"):
+        (tmp_path / "data" / name).write_bytes((tmp_path / "more" / name).read_bytes())
+    with pytest.raises(RunError, match="original images changed"):
+        run_chain(cfg, tmp_path / "out", progress=False, stages=copy_stage)
+    np.testing.assert_array_equal(read_metrics(tmp_path / "out" / "metrics.nc").hf_power.values, before)
+
+
+def _stop_after_first(condition, iteration):
+    if iteration == 1:
+        raise _Interrupt
+
+
+def test_constant_images_do_not_blank_the_mean_spectra():
+    """One constant image has an undefined phenotype (no AC energy): NaN for it, the others' spectra stay."""
+    from chain.run import measure
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images[1] = 0.5
+    m = measure(images)
+    assert np.isnan(m.hf_power[1]) and np.isfinite(m.hf_power[[0, 2]]).all()
+    expected = measure(images[[0, 2]])
+    np.testing.assert_allclose(m.radial_psd, expected.radial_psd, rtol=1e-12)
+    np.testing.assert_allclose(m.angular_psd, expected.angular_psd, rtol=1e-12)

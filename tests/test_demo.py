@@ -55,3 +55,15 @@ def test_demo_refuses_a_file_as_output(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(target)])
     assert result.exit_code != 0
     assert "not a directory" in result.output
+
+
+def test_demo_refuses_another_runs_folder_before_touching_its_images(tmp_path):
+    out = tmp_path / "other"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "mine.png").write_bytes(b"not the demo's")
+    (out / "config.toml").write_text("[run]\nnum_iterations = 9\n")
+    (out / "metrics.nc").write_bytes(b"")
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code != 0
+    assert "config.toml" in result.output
+    assert [p.name for p in (out / "data").iterdir()] == ["mine.png"]

@@ -107,3 +107,12 @@ def test_iteration_zero_comes_from_the_configured_dataset(tmp_path):
     grid = image_grid(run, metrics, images_per_cell=2, thumb=8)
     assert tuple(grid[4, 4]) == (9, 99, 199)
     assert tuple(grid[12 + 4, 4]) == (9, 99, 199)
+
+
+def test_hidden_files_are_skipped(tmp_path):
+    """Temp files of interrupted writes and macOS AppleDouble files (names starting with '.') are not images."""
+    run, _ = make_run(tmp_path)
+    (run / "images" / "cfg1.0" / "1" / ".00003.123.abc.tmp.png").write_bytes(b"partial")
+    (run / "images" / "cfg1.0" / "1" / "._0000.png").write_bytes(b"\x00\x05\x16\x07")
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
