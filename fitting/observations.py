@@ -15,6 +15,11 @@ standard deviation (ddof = 1) unless the variable carries the attribute `ddof = 
 Iteration 0 (the original images D_0) is the same real data for every condition (MODEL.md section 6), so it
 enters the likelihood once: conditions whose iteration-0 statistics coincide are merged, and distinct ones
 (e.g. different subsets of D_0) are pooled as one sample.
+
+A run still in progress can be fitted: the chain runs every iteration of one condition before the next, so
+conditions with no data at any iteration >= 1 yet are left out with a note ("condition X has no finished
+iteration yet; left out") that the fit reports among its warnings. Only when no condition has an iteration
+>= 1 is the dataset refused.
 """
 
 from __future__ import annotations
@@ -275,7 +280,7 @@ def observations_from_dataset(ds: Any, *, source: str = "<dataset>") -> Observat
                                    f"all of {', '.join(SUMMARY_VARIABLES)} over (condition, iteration)")
         obs = _from_summary_variables(ds, conditions, iterations, order, source)
     _check_content(obs, source)
-    return _note_iteration_zero(obs)
+    return _note_iteration_zero(_drop_unfinished(obs))
 
 
 def _check_schema(ds, source: str) -> None:
@@ -358,16 +363,44 @@ def _from_summary_variables(ds, conditions, iterations, order, source) -> Observ
 def _check_content(obs: Observations, source: str) -> None:
     name = PHENOTYPE if obs.phenotypes is not None else "hf_power_mean"
     have_iteration = (obs.num_images > 0).any(axis=0)
+    if not np.any(have_iteration & (obs.iterations > 0)):
+        raise ObservationError(f"{source}: variable '{name}' has data only at iteration 0 (no condition has a "
+                               "finished iteration >= 1 yet); the fit needs at least 2 iterations: wait until "
+                               "the chain has measured iteration 1 of a condition")
     if int(have_iteration.sum()) < 2:
         raise ObservationError(f"{source}: variable '{name}' has data at {int(have_iteration.sum())} "
                                f"iteration(s) ({obs.iterations[have_iteration].tolist()}); the fit needs at "
                                "least 2 iterations")
-    for c, condition in enumerate(obs.conditions):
-        later = (obs.iterations > 0) & (obs.num_images[c] > 0)
-        if not later.any():
-            raise ObservationError(f"{source}: variable '{name}' has no data for condition '{condition}' at "
-                                   "any iteration >= 1; drop that condition from the dataset "
-                                   "(ds.drop_sel(condition=...))")
+
+
+def unfinished_conditions(obs: Observations) -> list[int]:
+    """Indices of the conditions without data at any iteration >= 1 (at most the shared D_0 so far)."""
+    later = (obs.iterations > 0)[None, :] & (obs.num_images > 0)
+    return np.flatnonzero(~later.any(axis=1)).tolist()
+
+
+def _drop_unfinished(obs: Observations) -> Observations:
+    """Leave out the conditions of a run still in progress that have no iteration >= 1 yet.
+
+    The chain runs every iteration of one condition before the next, so the last conditions may hold
+    only iteration 0 (the shared D_0, MODEL.md section 6): they carry no information on their own
+    selection. They are dropped with a note (it reaches the fit's warnings); `_check_content` has
+    already made sure that some condition has an iteration >= 1.
+    """
+    drop = unfinished_conditions(obs)
+    if not drop:
+        return obs
+    keep = np.array([c for c in range(obs.num_conditions) if c not in drop], dtype=np.int64)
+    notes = tuple(f"condition {obs.conditions[c]} has no finished iteration yet; left out" for c in drop)
+    return dataclasses.replace(
+        obs,
+        conditions=tuple(obs.conditions[c] for c in keep.tolist()),
+        num_images=obs.num_images[keep],
+        mean=obs.mean[keep],
+        var=obs.var[keep],
+        phenotypes=None if obs.phenotypes is None else obs.phenotypes[keep],
+        notes=obs.notes + notes,
+    )
 
 
 def _note_iteration_zero(obs: Observations) -> Observations:

@@ -20,12 +20,20 @@ Bootstrap. Images are resampled with replacement with the same image indices for
 iteration (paired over images: iteration 0 stays shared), the fit is repeated from the optimum, and the
 2.5 % / 97.5 % percentiles of each parameter form the interval.
 
-Identifiability warning: a free parameter is "not identified" when its report-scale sd exceeds 2 (the
-95 % interval spans more than a factor e^7.8 in odds or scale), when it loads on a near-singular
-direction of H, or when its profile is flat. For r1, r2 and sigma_mut the value 0 is tested directly: if
-setting it to 0 raises the objective by less than 1.92 (conditionally, the others held at the optimum, or,
-when that rise is moderate, along the profile), the data cannot tell it from 0: the parameter is flagged
-and the lower end of its interval becomes 0 (the likelihood-ratio region contains 0).
+Identifiability warning: a free parameter is "not identified" when its report-scale sd exceeds its flat
+threshold (`flat_threshold`), when it loads on a near-singular direction of H, or when its profile is flat.
+The threshold is 2 on the logit and log scales (the 95 % interval spans more than a factor e^7.8 in odds
+or scale). mu0's report scale is the phenotype's own scale (identity), where a fixed 2 means nothing (a
+phenotype of scale 0.03 would need an interval of +-4 to trip it), so for mu0 (every parameter in
+DATA_SCALE_PARAMETERS) the sd is compared with the data's own scale s_ref, the iteration-0 sd of the
+phenotype (problem.scale[1], fitting.model; the earliest observed iteration's sd when there is no
+iteration 0): not identified when sd > 2 s_ref, i.e. when the 95 % interval is wider than +-3.9 sd of the
+data themselves (iteration 0 alone gives sd s_ref / sqrt(n_0)).
+
+For r1, r2 and sigma_mut the value 0 is tested directly: if setting it to 0 raises the objective by less
+than 1.92 (conditionally, the others held at the optimum, or, when that rise is moderate, along the
+profile), the data cannot tell it from 0: the parameter is flagged and the lower end of its interval
+becomes 0 (the likelihood-ratio region contains 0).
 """
 
 from __future__ import annotations
@@ -52,6 +60,15 @@ from fitting.optimize import local_minimize
 Z95 = 1.959963984540054
 CHI2_HALF = 1.920729410347062   # chi2_1(0.95) / 2
 SD_FLAT = 2.0
+DATA_SCALE_PARAMETERS = ("mu0",)   # report scale = the phenotype's own units (identity)
+
+
+def flat_threshold(name: str, data_scale: float) -> float:
+    """The report-scale sd above which a parameter is "not identified" (module docstring): SD_FLAT on the
+    logit / log scales, SD_FLAT x data_scale (the iteration-0 sd s_ref) for parameters in the data's units."""
+    if name in DATA_SCALE_PARAMETERS:
+        return SD_FLAT * float(data_scale)
+    return SD_FLAT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +130,19 @@ def laplace(problem: Problem, u_hat: np.ndarray, nll_hat: float) -> Uncertainty:
         identified &= ~loading
         warnings.append(f"near-singular curvature ({int(singular.sum())} direction(s), eigenvalue ratio "
                         f"{eigval.min() / top:.1e}): not identified together: {', '.join(involved)}")
-    for i in np.flatnonzero(report_sd > SD_FLAT):
+    data_scale = float(problem.scale[1])
+    thresholds = np.array([flat_threshold(name, data_scale) for name, _ in problem.layout.free])
+    for i in np.flatnonzero(report_sd > thresholds):
         identified[i] = False
+        name = problem.layout.free[i][0]
+        if name in DATA_SCALE_PARAMETERS:
+            spread = (f"is {2 * Z95 * report_sd[i] / data_scale:.3g} times as wide as the data's own sd "
+                      f"({data_scale:.3g} at iteration 0, or the earliest iteration observed; not identified "
+                      f"beyond sd > {SD_FLAT:g} x that)")
+        else:
+            spread = f"spans a factor of 10^{2 * Z95 * report_sd[i] / math.log(10):.1f}"
         warnings.append(f"{labels[i]} is not identified: its 95 % interval [{lower[i]:.3g}, {upper[i]:.3g}] "
-                        f"spans a factor of 10^{2 * Z95 * report_sd[i] / math.log(10):.1f} "
-                        "(flat likelihood; --interval profile gives a likelihood-based interval)")
+                        f"{spread} (flat likelihood; --interval profile gives a likelihood-based interval)")
     for i, delta, how in _zero_tests(problem, u_hat, nll_hat):
         identified[i] = False
         lower[i] = 0.0

@@ -151,3 +151,33 @@ def test_fit_never_imports_torch(run_dir):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_run_in_progress_fits_the_finished_conditions(tmp_path):
+    # The chain runs every iteration of one condition before the next: mid-run, cfg2.5 has only the
+    # shared iteration 0 (the rest NaN, not produced yet).
+    x = recursion_phenotypes(TRUTH_CONDITIONS, TRUTH_SHARED, num_iterations=4, num_images=300, seed=2)
+    x[1, 1:] = np.nan
+    x[2, 1:] = np.nan
+    path = tmp_path / "partial.nc"
+    results_dataset(x, TRUTH_CONDITIONS).to_netcdf(path, engine="h5netcdf")
+    result = _invoke(path, "--starts", "2")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    for name in ("cfg2.5", "cfg1.0"):
+        assert f"warning: condition {name} has no finished iteration yet; left out" in warnings, result.stdout
+    result = _invoke(path, "--json", "--starts", "2")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out["conditions"]) == {"cfg7.5"}
+    r1, r2 = TRUTH_CONDITIONS["cfg7.5"]
+    assert abs(out["conditions"]["cfg7.5"]["r1"]["estimate"] - r1) < 0.1
+    assert abs(out["conditions"]["cfg7.5"]["r2"]["estimate"] - r2) < 0.1
+    assert "condition cfg1.0 has no finished iteration yet; left out" in out["diagnostics"]["warnings"]
+    # Nothing finished yet anywhere: the clear one-line error remains.
+    x[0, 1:] = np.nan
+    results_dataset(x, TRUTH_CONDITIONS).to_netcdf(path, engine="h5netcdf")
+    result = _invoke(path, "--starts", "2")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and str(path) in result.stderr
+    assert "only at iteration 0" in result.stderr

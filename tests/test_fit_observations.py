@@ -131,10 +131,30 @@ def test_error_nan_only(tmp_path):
     _error(tmp_path, ds, "'hf_power'", "only NaN")
 
 
-def test_error_condition_without_later_iterations(tmp_path):
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # nanmean of the empty cells in summary_dataset
+def test_condition_without_later_iterations_is_left_out_with_a_note(tmp_path):
+    # A run in progress: condition b has only the shared iteration 0 so far.
     x = _phenotypes()
     x[1, 1:] = np.nan
-    _error(tmp_path, results_dataset(x, CONDITIONS), "'hf_power'", "condition 'b'")
+    obs = load_observations(_write(results_dataset(x, CONDITIONS), tmp_path))
+    assert obs.conditions == ("a",)
+    np.testing.assert_allclose(obs.mean, np.nanmean(x[:1], -1), rtol=1e-14)
+    np.testing.assert_array_equal(obs.num_images, [[50, 50, 50, 50]])
+    assert obs.phenotypes.shape == (1, 4, 50)
+    assert "condition b has no finished iteration yet; left out" in obs.notes
+    # the same through the summary-only form (num_images 0 where not produced)
+    summary = load_observations(_write(summary_dataset(x, CONDITIONS), tmp_path, "s.nc"))
+    assert summary.conditions == ("a",)
+    assert "condition b has no finished iteration yet; left out" in summary.notes
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_error_when_no_condition_has_a_later_iteration(tmp_path):
+    x = _phenotypes()
+    x[:, 1:] = np.nan
+    _error(tmp_path, results_dataset(x, CONDITIONS), "'hf_power'", "only at iteration 0",
+           "at least 2 iterations")
+    _error(tmp_path, summary_dataset(x, CONDITIONS), "'hf_power_mean'", "only at iteration 0", name="s.nc")
 
 
 def test_error_negative_phenotype(tmp_path):

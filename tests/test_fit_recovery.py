@@ -99,3 +99,45 @@ def test_unidentified_r2_is_flagged_with_a_wide_interval():
     assert lower == 0.0 and upper > 3e-4   # from 0 to several times the truth (1e-4)
     # The well-determined parameters stay identified and are not drowned in the warning.
     assert result.identified[0, IDX["r1"]] and result.identified[1, i] and result.identified[2, i]
+
+
+# A phenotype on the scale of the real one (hf_power ~ 0.03): mu0's report scale is these units.
+SMALL_SHARED = {"mu0": 0.03, "sigma_g0": 0.005, "sigma_env": 0.005}
+SMALL_CONDITION = {"up": (0.8, 0.05)}
+
+
+def _mu0_fit(num_images: int, iterations: list[int], seed: int):
+    from fit_testdata import recursion_phenotypes
+    from fitting.observations import from_phenotypes
+
+    x = recursion_phenotypes(SMALL_CONDITION, SMALL_SHARED, num_iterations=max(iterations),
+                             num_images=num_images, seed=seed)[:, iterations]
+    obs = from_phenotypes(list(SMALL_CONDITION), np.array(iterations), x)
+    result = fit_observations(obs, FitConfig(num_starts=2, num_draws=16), key=jax.random.key(0))
+    # the data's own scale, from the definition: sample sd (ddof 1) of the earliest observed iteration
+    data_sd = float(np.std(x[0, 0], ddof=1))
+    return result, data_sd
+
+
+def test_poorly_determined_mu0_is_flagged_against_the_data_scale():
+    # No iteration 0 and 5 images at iterations 1-2 only: mu0 is inferred through the recursion, traded
+    # off against r1, r2, sigma_g0 and sigma_env. Its 95 % interval spans about +-0.08 around 0.03, dozens
+    # of times the data's own sd (~7e-4), yet its sd stays far below the fixed 2 of the log/logit scales.
+    result, data_sd = _mu0_fit(5, [1, 2], seed=1)
+    i = IDX["mu0"]
+    half_width = (result.upper[0, i] - result.lower[0, i]) / 2
+    sd = half_width / 1.959963984540054            # identity report scale: interval = mu0 +- 1.96 sd
+    assert sd > 10 * data_sd and sd < 2.0          # absurd on the data scale, invisible to a fixed 2
+    assert not result.identified[0, i]
+    assert any(w.startswith("mu0 is not identified") and "data's own sd" in w for w in result.warnings), \
+        result.warnings
+
+
+def test_well_determined_mu0_is_identified():
+    # 1000 images at iterations 0-3: mu0's sd is about data_sd / sqrt(1000).
+    result, data_sd = _mu0_fit(1000, [0, 1, 2, 3], seed=0)
+    i = IDX["mu0"]
+    sd = (result.upper[0, i] - result.lower[0, i]) / 2 / 1.959963984540054
+    assert sd < 0.1 * data_sd
+    assert result.identified[0, i]
+    assert not any(w.startswith("mu0") for w in result.warnings), result.warnings
