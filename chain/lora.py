@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from chain.atomic import atomic_folder
 from chain.config import FinetuneConfig
 from chain.text import unused_text_encoder_layers
 
@@ -123,9 +122,7 @@ def save_lora(folder: str | os.PathLike, unet, text_encoder, unet_config, te_con
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
         unet_sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet_sd.items()}
         kwargs = {}
@@ -137,12 +134,6 @@ def save_lora(folder: str | os.PathLike, unet, text_encoder, unet_config, te_con
         StableDiffusionLoraLoaderMixin.save_lora_weights(
             tmp, unet_lora_layers=unet_sd, unet_lora_adapter_metadata=unet_config.to_dict(), **kwargs
         )
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

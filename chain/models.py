@@ -11,13 +11,12 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from chain.atomic import atomic_folder
 from chain.config import ModelConfig, TinyModelConfig
 
 MODEL_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
@@ -178,11 +177,6 @@ def make_tiny_base_model(config: TinyModelConfig = TinyModelConfig(), *, resolut
     return BaseModel(unet, text_encoder, tokenizer, dict(SD_SCHEDULER_CONFIG), vae, source="tiny")
 
 
-def _atomic_folder(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-
-
 def save_base_model(model: BaseModel, folder: str | os.PathLike) -> Path:
     """Write a diffusers-format folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/,
     vae/ when latent), atomically: built in a temp folder next to it, then renamed into place."""
@@ -190,8 +184,7 @@ def save_base_model(model: BaseModel, folder: str | os.PathLike) -> Path:
     from diffusers import DDPMScheduler
 
     folder = Path(folder)
-    tmp = _atomic_folder(folder)
-    try:
+    with atomic_folder(folder) as tmp:
         model.unet.save_pretrained(tmp / "unet")
         model.text_encoder.save_pretrained(tmp / "text_encoder")
         model.tokenizer.save_pretrained(tmp / "tokenizer")
@@ -212,12 +205,6 @@ def save_base_model(model: BaseModel, folder: str | os.PathLike) -> Path:
             model.vae.save_pretrained(tmp / "vae")
             index["vae"] = ["diffusers", "AutoencoderKL"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
