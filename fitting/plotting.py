@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from fitting.driver import FitResult
+from qtm.plotting import save_figure_atomic
 
 
 def plot_fit(result: FitResult, path: str | Path) -> Path:
@@ -68,18 +67,10 @@ def plot_fit_dataset(fit, path: str | Path) -> Path:
     fig.suptitle(f"{fit.attrs.get('model', '')} selection, mutation {fit.attrs.get('mutation', '')}{drift} "
                  f"({fit.attrs.get('interval', '')})")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        return save_figure_atomic(fig, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def _clip_to_data(axes, mean: np.ndarray, se: np.ndarray, fitted: np.ndarray) -> None:

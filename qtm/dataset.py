@@ -9,11 +9,12 @@ Dimensions: `iteration` (coordinate 0..K) and, for the Monte Carlo, `replicate`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import os
-import tempfile
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,19 +147,26 @@ def params_from_attrs(attrs: Mapping[str, Any]) -> TraitParams:
     return TraitParams(**fields, mutation_mode=str(attrs.get("mutation_mode", "paper")))
 
 
+@contextlib.contextmanager
+def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `path` (same suffix); on success it replaces `path` (os.replace),
+    on error it is removed; missing parent directories are created. Ordinary permissions (umask), unlike
+    tempfile.mkstemp's 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_netcdf_atomic(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write `ds` to netCDF4/HDF5 (h5netcdf engine) atomically: a temporary file in the same directory,
     then `os.replace`, so readers never see a half-written file. Creates missing parent directories."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_write_path(path) as tmp:
         ds.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 

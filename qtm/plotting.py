@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,7 @@ def plot_trajectory(ds: xr.Dataset, path: str | os.PathLike, *, reference: xr.Da
     title = _title(ds)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save_atomic(fig, Path(path))
+    return save_figure_atomic(fig, Path(path))
 
 
 def _title(ds: xr.Dataset) -> str:
@@ -69,16 +68,12 @@ def _title(ds: xr.Dataset) -> str:
     return ", ".join(parts)
 
 
-def _save_atomic(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_figure_atomic(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix; PNG when there is none)."""
+    from qtm.dataset import atomic_write_path
+
+    path = Path(path)
     suffix = path.suffix or ".png"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        fig.savefig(tmp, dpi=120, format=suffix.lstrip("."))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=suffix.lstrip("."))
     return path
