@@ -10,7 +10,6 @@ chain.text with ``clip_skip=CLIP_SKIP``. Images come from the chain's own sample
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -141,39 +140,13 @@ def build_toy_model(cfg: ToyModelConfig, tokenizer, *, generator: torch.Generato
     return ToyBaseModel(unet, text_encoder, tokenizer, _scheduler_config(cfg))
 
 
-def save_toy_base_model(model: ToyBaseModel, out_dir: str | os.PathLike, *, fp16: bool = False) -> Path:
-    """Write ``model`` as a diffusers-format folder without ``vae/``: model_index.json, unet/, text_encoder/,
-    tokenizer/, scheduler/. Weights are safetensors (fp16 storage when ``fp16``; they load as fp32)."""
-    import copy
+def save_toy_base_model(model: ToyBaseModel, out_dir: str | os.PathLike) -> Path:
+    """Write ``model`` as a pixel-space diffusers-format folder (no ``vae/``), atomically, through
+    chain.models.save_base_model: model_index.json, unet/, text_encoder/, tokenizer/, scheduler/."""
+    from chain.models import BaseModel, save_base_model
 
-    from diffusers import EulerAncestralDiscreteScheduler
-
-    from chain.atomic import write_text_atomic
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    unet, text_encoder = model.unet, model.text_encoder
-    if fp16:
-        unet = copy.deepcopy(unet).to(torch.float16)
-        text_encoder = copy.deepcopy(text_encoder).to(torch.float16)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-    model.tokenizer.save_pretrained(out / "tokenizer")
-    EulerAncestralDiscreteScheduler.from_config(model.scheduler_config).save_pretrained(out / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": __import__("diffusers").__version__,
-        "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": [None, None],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    write_text_atomic(out / "model_index.json", json.dumps(index, indent=2) + "\n")
-    return out
+    base = BaseModel(model.unet, model.text_encoder, model.tokenizer, dict(model.scheduler_config))
+    return save_base_model(base, out_dir)
 
 
 def load_toy_base_model(folder: str | os.PathLike | None = None) -> ToyBaseModel:
