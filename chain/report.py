@@ -143,6 +143,18 @@ def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
         plt.close(fig)
 
 
+def _save_per_iteration(plt, fig, ax, ylabel: str, path: Path) -> Path:
+    """Label a per-iteration line plot (one line per condition), save it atomically and close it."""
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    try:
+        return _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def plot_metric(metrics: xr.Dataset, name: str, path: Path, *, label: str | None = None) -> Path:
     """One metric per iteration, one line per condition (with its interval when `<name>_lower/_upper` exist)."""
     plt = _pyplot()
@@ -156,14 +168,7 @@ def plot_metric(metrics: xr.Dataset, name: str, path: Path, *, label: str | None
         if lo in metrics and hi in metrics:
             ax.fill_between(x, metrics[lo].sel(condition=condition).values[ok],
                             metrics[hi].sel(condition=condition).values[ok], alpha=0.2)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(label or name)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    try:
-        return _atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_per_iteration(plt, fig, ax, label or name, path)
 
 
 def phenotype_summary(metrics: xr.Dataset) -> xr.Dataset:
@@ -187,14 +192,7 @@ def plot_phenotype(metrics: xr.Dataset, path: Path) -> Path:
         x = metrics["iteration"].values[ok]
         ax.errorbar(x, s["mean"].values[ok], yerr=s["std"].values[ok], marker="o", capsize=3,
                     label=str(condition))
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("high-frequency power (phenotype)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    try:
-        return _atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_per_iteration(plt, fig, ax, "high-frequency power (phenotype)", path)
 
 
 def summary_table(metrics: xr.Dataset) -> list[dict]:
