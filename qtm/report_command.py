@@ -23,6 +23,7 @@ def build_report(run_dir: Path, *, fit_path: Path | None = None, out_dir: Path |
     import xarray as xr
 
     from chain import report as chain_report
+    from chain.atomic import write_text_atomic
     from chain.store import read_metrics
 
     metrics_path = run_dir / "metrics.nc"
@@ -66,10 +67,7 @@ def build_report(run_dir: Path, *, fit_path: Path | None = None, out_dir: Path |
                                         extra=extra)
     if fit_text:
         text += "\n" + fit_text
-    report_path = out_dir / "report.md"
-    tmp = report_path.with_name(".report.md.tmp")
-    tmp.write_text(text)
-    tmp.replace(report_path)
+    report_path = write_text_atomic(out_dir / "report.md", text)
     return {"report": str(report_path), "figures": {k: str(out_dir / v) for k, v in figures.items()}, "rows": rows}
 
 
