@@ -12,8 +12,7 @@ import torch
 import xarray as xr
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chain_fixtures import make_captioned_folder, tiny_config  # noqa: E402
+from tests.chain.fixtures import make_captioned_folder, tiny_config  # noqa: E402
 
 from chain.config import load_config  # noqa: E402
 from chain.data import DatasetError  # noqa: E402
@@ -22,7 +21,7 @@ from chain.models import weights_digest  # noqa: E402
 from chain.run import DiffusionStages, IterationResult, RunError, resolve_base_model, run_chain  # noqa: E402
 from chain.store import read_metrics  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny_cpu.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.toml"
 CONTRACT_VARS = ("cfg_scale", "cfg_schedule", "condition_drop", "hf_power", "radial_psd", "angular_psd",
                  "fd_dinov2", "recall", "sfd", "clip_score")
 

@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from fit_testdata import TRUTH_CONDITIONS, TRUTH_SHARED, recursion_phenotypes, results_dataset, summary_dataset
+from tests.fitting.testdata import TRUTH_CONDITIONS, TRUTH_SHARED, recursion_phenotypes, results_dataset, summary_dataset
 from qtm.cli import app
 from qtm.params import PARAM_NAMES
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chain_fixtures import make_captioned_folder, tiny_config_dict  # noqa: E402
+from tests.chain.fixtures import make_captioned_folder, tiny_config_dict  # noqa: E402
 
 from chain.config import config_from_dict  # noqa: E402
 from chain.images import list_images, load_image  # noqa: E402

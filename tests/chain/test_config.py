@@ -7,7 +7,7 @@ import pytest
 from chain.config import ConfigError, config_to_toml, load_config
 from chain.guidance import Exponential
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_paper_example_is_table_1():

@@ -240,7 +240,7 @@ def test_simulate_never_imports_torch(tmp_path):
         " standalone_mode=False)\n"
         "print(json.dumps({'torch_loaded': 'torch' in sys.modules}))\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

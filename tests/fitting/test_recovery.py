@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from fit_testdata import TRUTH_CONDITIONS, TRUTH_SHARED, montecarlo_phenotypes, results_dataset, summary_dataset
+from tests.fitting.testdata import TRUTH_CONDITIONS, TRUTH_SHARED, montecarlo_phenotypes, results_dataset, summary_dataset
 from fitting.driver import FitConfig, fit_observations
 from fitting.observations import load_observations
 from qtm.params import PARAM_NAMES
@@ -107,7 +107,7 @@ SMALL_CONDITION = {"up": (0.8, 0.05)}
 
 
 def _mu0_fit(num_images: int, iterations: list[int], seed: int):
-    from fit_testdata import recursion_phenotypes
+    from tests.fitting.testdata import recursion_phenotypes
     from fitting.observations import from_phenotypes
 
     x = recursion_phenotypes(SMALL_CONDITION, SMALL_SHARED, num_iterations=max(iterations),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from fit_testdata import results_dataset, summary_dataset
+from tests.fitting.testdata import results_dataset, summary_dataset
 from fitting.observations import (
     ObservationError,
     cell_statistics,

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from fit_testdata import TRUTH_CONDITIONS, TRUTH_SHARED, montecarlo_phenotypes, recursion_phenotypes
+from tests.fitting.testdata import TRUTH_CONDITIONS, TRUTH_SHARED, montecarlo_phenotypes, recursion_phenotypes
 from fitting.driver import FitConfig, fit_observations
 from fitting.observations import from_phenotypes
 

@@ -22,7 +22,7 @@ import scipy.integrate
 import scipy.stats
 from typer.testing import CliRunner
 
-from fit_testdata import TRUTH_CONDITIONS, TRUTH_SHARED, montecarlo_phenotypes, recursion_phenotypes, results_dataset
+from tests.fitting.testdata import TRUTH_CONDITIONS, TRUTH_SHARED, montecarlo_phenotypes, recursion_phenotypes, results_dataset
 from fitting.drift import noise_covariance, residual_covariance
 from fitting.model import ModelError, ModelSpec, build_problem, cell_nll
 from fitting.observations import from_phenotypes

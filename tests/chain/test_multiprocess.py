@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chain_fixtures import make_captioned_folder, tiny_config_dict  # noqa: E402
+from tests.chain.fixtures import make_captioned_folder, tiny_config_dict  # noqa: E402
 
 from chain.config import config_from_dict, config_to_toml  # noqa: E402
 from chain.store import read_metrics  # noqa: E402
@@ -37,7 +36,7 @@ def test_two_processes_match_one(tmp_path):
     config.write_text(config_to_toml(config_from_dict(d)))
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     one = subprocess.run([sys.executable, str(script), str(config), str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]

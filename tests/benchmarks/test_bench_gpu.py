@@ -18,7 +18,7 @@ import torch
 
 from benchmarks import bench_gpu_sd15 as bench
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 THROUGHPUTS = [
     "train_reference_samples_per_s", "train_ours_plain_samples_per_s", "train_ours_channels_last_samples_per_s",

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from fit_testdata import TRUTH_SHARED, recursion_phenotypes
+from tests.fitting.testdata import TRUTH_SHARED, recursion_phenotypes
 from fitting.compare import compare_variants
 from fitting.driver import FitConfig, fit_observations
 from fitting.model import ModelSpec, reduce_vector, report_scale

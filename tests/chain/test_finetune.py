@@ -135,5 +135,5 @@ def test_bf16_mixed_precision_keeps_lora_float32():
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", BF16_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
