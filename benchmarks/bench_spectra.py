@@ -103,7 +103,7 @@ def main() -> None:
         files = sorted(root.glob("*.png"))
 
         def ours_files():
-            return measure_folder(root, batch_size=BATCH, progress=False, num_workers=threads)
+            return measure_folder(root, batch_size=BATCH, num_workers=threads)
 
         def baseline_files():
             return [baseline(np.asarray(Image.open(path).convert("RGB"))) for path in files[:NUM_BASELINE]]
@@ -117,7 +117,7 @@ def main() -> None:
         t_base_png = best_time(baseline_files, repeats=1)
         t_decode = best_time(decode_only, repeats=1)
         workers = os.cpu_count() or 1
-        t_ours_png_all = best_time(lambda: measure_folder(root, batch_size=BATCH, progress=False,
+        t_ours_png_all = best_time(lambda: measure_folder(root, batch_size=BATCH,
                                                           num_workers=min(4, workers)), repeats=1)
         disk_mb = sum(p.stat().st_size for p in files) / 1e6
 

@@ -15,14 +15,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from chain.errors import ConfigError
 from chain.guidance import SCHEDULES, schedule_fields, schedule_to_table
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file and the field."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from chain.images import ImageReadError, list_images, load_image
+from chain.errors import DatasetError, ImageReadError
+from chain.images import load_image
+from qtmio.images import list_images
 
 CAPTION_COLUMNS = ("text", "caption")
-
-
-class DatasetError(ValueError):
-    """A dataset problem; the message lists every offending file."""
 
 
 @dataclasses.dataclass(frozen=True)

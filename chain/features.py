@@ -15,7 +15,7 @@ with `local_files_only=True`. Any object with `feature_dim`, `name` and `__call_
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -117,33 +117,19 @@ def extract_features(
     images: torch.Tensor | Iterable[torch.Tensor],
     batch_size: int = 32,
     *,
-    progress: bool = False,
-    total: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """(N, D) float64 features of images (an (N, 3, H, W) tensor, or an iterable of batches or single
-    images), computed `batch_size` images at a time."""
+    images), computed `batch_size` images at a time; `on_batch(n)` is called after each batch of n images."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(images, torch.Tensor) and total is None:
-        total = images.shape[0]
     rows: list[np.ndarray] = []
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task(f"features ({encoder.name})", total=total)
-    try:
-        for batch in _as_batches(images, batch_size):
-            with torch.inference_mode():
-                features = encoder(batch)
-            rows.append(features.detach().to("cpu", torch.float64).numpy())
-            if bar is not None:
-                bar.advance(task, batch.shape[0])
-    finally:
-        if bar is not None:
-            bar.stop()
+    for batch in _as_batches(images, batch_size):
+        with torch.inference_mode():
+            features = encoder(batch)
+        rows.append(features.detach().to("cpu", torch.float64).numpy())
+        if on_batch is not None:
+            on_batch(batch.shape[0])
     if not rows:
         return np.zeros((0, int(encoder.feature_dim)), dtype=np.float64)
     return np.concatenate(rows, axis=0)

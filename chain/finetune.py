@@ -1,6 +1,6 @@
 """LoRA finetuning M_k = Finetune(M_0, D_{k-1}, P) (Eq. 1 of the paper; Appendix A, Table 1; kohya semantics).
 
-One training step on a batch of cached latents x_0 with captions c:
+One training step on a batch of cached latents x_0 with captions c (`diffusion_loss`):
     t ~ U{0, ..., T_train - 1},  eps ~ N(0, I) (+ noise_offset * N(0, 1) per channel),
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
     c   -> "" with probability condition_drop (the empty prompt still runs through the trained text encoder),
@@ -16,6 +16,7 @@ the same global batch and takes its own slice of it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -66,6 +67,32 @@ def drop_captions(captions: list[str], probability: float, *, generator: torch.G
     draw per caption, always made, so the generator advances the same whatever the probability."""
     u = torch.rand(len(captions), generator=generator)
     return ["" if float(x) < probability else c for x, c in zip(u, captions)]
+
+
+def diffusion_loss(unet, text_encoder, scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   token_ids: torch.Tensor, *, clip_skip: int, min_snr_gamma: float, train_text_encoder: bool,
+                   weight_dtype: torch.dtype = torch.float32, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """The loss of one batch (module docstring): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, the target eps
+    (epsilon prediction) or the velocity (v prediction), and
+
+        loss = mean_b [ w(t_b) * mean((unet(x_t, t, E(c)) - target)^2) ],  w = min_snr_weights(t, gamma).
+
+    x0 and noise (B, C, h, w) lie on the UNet's device, timesteps (B,) are integers, token_ids (B, L) the
+    tokenized captions. The UNet and text encoder run under `autocast()` (e.g. accelerator.autocast) with the
+    noisy input in `weight_dtype`; the text encoder gets gradients only with `train_text_encoder`.
+    """
+    device = x0.device
+    t = timesteps.to(device)
+    prediction_type = scheduler.config.prediction_type
+    noisy = scheduler.add_noise(x0, noise, t)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    with autocast():
+        with torch.set_grad_enabled(train_text_encoder):
+            embeddings = encode_tokens(text_encoder, token_ids, clip_skip)
+        pred = unet(noisy.to(weight_dtype), t, embeddings).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    weights = min_snr_weights(scheduler.alphas_cumprod, timesteps, min_snr_gamma, prediction_type).to(device)
+    return (per_sample * weights).mean()
 
 
 @torch.no_grad()
@@ -147,8 +174,6 @@ def finetune(
     if init_lora is not None:
         load_lora(init_lora, model.unet, model.text_encoder)
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
-    alphas_cumprod = scheduler.alphas_cumprod
-    prediction_type = scheduler.config.prediction_type
 
     latents = cache_latents(model, images, flip=cfg.flip, generator=generator)
     unet_params = lora_parameters(model.unet)
@@ -189,16 +214,10 @@ def finetune(
         batch_captions = drop_captions([captions[int(i)] for i in index], condition_drop, generator=generator)
         mine = slice(rank * b // world, (rank + 1) * b // world)
         x0, noise, timesteps = x0[mine].to(device), noise[mine].to(device), timesteps[mine]
-        noisy = scheduler.add_noise(x0, noise, timesteps.to(device))
-        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps.to(device))
         ids = tokenize(model.tokenizer, batch_captions[mine], max_length)
-        with accelerator.autocast():
-            with torch.set_grad_enabled(te_config is not None):
-                embeddings = encode_tokens(text_encoder, ids, cfg.clip_skip)
-            pred = unet(noisy.to(weight_dtype), timesteps.to(device), embeddings).sample
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = min_snr_weights(alphas_cumprod, timesteps, cfg.min_snr_gamma, prediction_type).to(device)
-        loss = (per_sample * weights).mean()
+        loss = diffusion_loss(unet, text_encoder, scheduler, x0, noise, timesteps, ids, clip_skip=cfg.clip_skip,
+                              min_snr_gamma=cfg.min_snr_gamma, train_text_encoder=te_config is not None,
+                              weight_dtype=weight_dtype, autocast=accelerator.autocast)
         accelerator.backward(loss)
         if cfg.max_grad_norm > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(all_params, cfg.max_grad_norm)

@@ -208,7 +208,9 @@ def fingerprint_folder(
     device: str | torch.device = "cpu",
 ) -> Fingerprint:
     """Fingerprint of every image under `root` (decoded as they are, unreadable files skipped)."""
-    from chain.images import ImageReadError, list_images, load_image
+    from chain.errors import ImageReadError
+    from chain.images import load_image
+    from qtmio.images import list_images
 
     paths = list_images(root)
 

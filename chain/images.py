@@ -1,4 +1,4 @@
-"""Image files in and out: listing folders, decoding to float tensors, atomic PNG writes.
+"""Image files in and out: decoding to float tensors, atomic PNG writes (listing folders: qtmio.images).
 
 Images travel through the project as float32 torch tensors of shape (3, H, W), RGB, values in [0, 1].
 """
@@ -12,36 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from chain.atomic import atomic_write_path  # noqa: F401  (re-exported: part of this module's API)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-class ImageReadError(ValueError):
-    """An image file could not be decoded; the message names the file and the reason."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
-
-
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """Every image file under `root` (recursively), sorted by path relative to `root`.
-
-    An image file is one whose suffix, in any case, is in IMAGE_SUFFIXES. Hidden files and folders (names
-    starting with '.') are skipped. Raises NotADirectoryError when `root` is not a folder.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a folder")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(dirpath) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+from chain.errors import ImageReadError
+from qtmio.atomic import atomic_write_path
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
@@ -98,7 +70,6 @@ def save_image(image_chw: torch.Tensor, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"save_image writes PNG files; {path} does not end in .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
     pil = to_uint8_pil(image_chw)
     with atomic_write_path(path) as tmp:
         pil.save(tmp, format="PNG")

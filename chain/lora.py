@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from chain.atomic import atomic_folder
 from chain.config import FinetuneConfig
 from chain.text import unused_text_encoder_layers
+from qtmio.atomic import atomic_folder
 
 ADAPTER_NAME = "default"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from chain.atomic import atomic_folder
 from chain.config import ModelConfig, TinyModelConfig
+from chain.errors import ModelLoadError
+from qtmio.atomic import atomic_folder
 
 MODEL_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -32,10 +33,6 @@ SD_SCHEDULER_CONFIG = {
     "timestep_spacing": "leading",
     "clip_sample": False,
 }
-
-
-class ModelLoadError(ValueError):
-    """A base model could not be found or read; the message names the folder or id and the fix."""
 
 
 @dataclasses.dataclass

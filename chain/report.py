@@ -2,7 +2,8 @@
 
 Works on any run directory, toy or Stable Diffusion: it reads `metrics.nc`, the images under
 `images/<condition>/<iteration>/` and the original images named by `config.toml`. Every figure is a pure
-function of those inputs; nothing here trains, generates or fits.
+function of those inputs (drawn on qtmio.figures, saved through its one saver); nothing here trains,
+generates or fits.
 """
 
 from __future__ import annotations
@@ -13,44 +14,26 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from chain.atomic import atomic_write_path
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def _atomic_savefig(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    return path
+from chain.errors import ChainError
+from qtmio.contract import METRIC_NAMES
+from qtmio.figures import figure, save_figure
+from qtmio.images import list_images
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _image_files(root: Path) -> list[Path]:
-    """Image files under `root`, sorted by relative path, without hidden files or folders (names starting
-    with '.': temp files of interrupted writes, macOS AppleDouble files), as chain.images.list_images."""
-    found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if path.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel.parts):
-            found.append((rel.as_posix(), path))
-    return [path for _, path in sorted(found)]
+def check_metrics(metrics: xr.Dataset, source: str) -> None:
+    """Raise ChainError unless `metrics` holds what every report draws: `hf_power` (condition, iteration,
+    image) and `radial_psd` (condition, iteration, frequency), as chain.store writes them."""
+    for name in ("hf_power", "radial_psd"):
+        if name not in metrics.data_vars:
+            raise ChainError(f"{source}: variable '{name}' is missing; a report draws the metrics.nc of a run "
+                             "folder written by `qtm chain run` or `qtm demo`")
 
 
 def iteration_images(run_dir: Path, condition: str, iteration: int) -> list[Path]:
     """The image files of one (condition, iteration); iteration 0 falls back to the original images (D_0)."""
     folder = Path(run_dir) / "images" / condition / str(iteration)
     if folder.is_dir():
-        return _image_files(folder)
+        return list_images(folder)
     if iteration == 0:
         config_path = Path(run_dir) / "config.toml"
         if config_path.is_file():
@@ -58,7 +41,7 @@ def iteration_images(run_dir: Path, condition: str, iteration: int) -> list[Path
             # an absolute path, else relative to the run directory, else to the working directory
             for root in (Path(run_dir) / data_path, data_path):
                 if str(data_path) and root.is_dir():
-                    return _image_files(root)
+                    return list_images(root)
     return []
 
 
@@ -93,12 +76,11 @@ def image_grid(run_dir: Path, metrics: xr.Dataset, *, images_per_cell: int = 4, 
 
 
 def plot_image_grid(run_dir: Path, metrics: xr.Dataset, path: Path, *, images_per_cell: int = 4) -> Path:
-    plt = _pyplot()
     conditions = [str(c) for c in metrics["condition"].values]
     iterations = [int(i) for i in metrics["iteration"].values]
     grid = image_grid(run_dir, metrics, images_per_cell=images_per_cell)
-    fig, ax = plt.subplots(figsize=(min(2.2 * len(iterations) * images_per_cell / 2, 24),
-                                    1.3 * len(conditions) + 0.8))
+    fig = figure(figsize=(min(2.2 * len(iterations) * images_per_cell / 2, 24), 1.3 * len(conditions) + 0.8))
+    ax = fig.subplots()
     ax.imshow(grid, interpolation="nearest")
     h, w = grid.shape[:2]
     ax.set_xticks([(i + 0.5) * w / len(iterations) for i in range(len(iterations))],
@@ -108,22 +90,20 @@ def plot_image_grid(run_dir: Path, metrics: xr.Dataset, path: Path, *, images_pe
     for side in ax.spines.values():
         side.set_visible(False)
     ax.set_title("Generated images per condition and iteration (iteration 0 = the original images)")
-    try:
-        return _atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, tight=True)
 
 
 def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
     """Mean radial power spectral density per iteration, one panel per condition (log-log)."""
-    plt = _pyplot()
+    from matplotlib import colormaps
+
     conditions = [str(c) for c in metrics["condition"].values]
     iterations = metrics["iteration"].values
     freq = metrics["frequency"].values
     keep = freq > 0
-    fig, axes = plt.subplots(1, len(conditions), figsize=(4.2 * len(conditions), 3.6), squeeze=False,
-                             sharey=True)
-    cmap = plt.get_cmap("viridis")
+    fig = figure(figsize=(4.2 * len(conditions), 3.6))
+    axes = fig.subplots(1, len(conditions), squeeze=False, sharey=True)
+    cmap = colormaps["viridis"]
     for ax, condition in zip(axes[0], conditions):
         for i, iteration in enumerate(iterations):
             psd = metrics["radial_psd"].sel(condition=condition, iteration=iteration).values
@@ -137,28 +117,22 @@ def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
     axes[0][0].set_ylabel("mean power (fraction of AC energy per ring)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("Radial power spectra over iterations")
-    try:
-        return _atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, tight=True)
 
 
-def _save_per_iteration(plt, fig, ax, ylabel: str, path: Path) -> Path:
-    """Label a per-iteration line plot (one line per condition), save it atomically and close it."""
+def _save_per_iteration(fig, ax, ylabel: str, path: Path) -> Path:
+    """Label a per-iteration line plot (one line per condition) and save it."""
     ax.set_xlabel("iteration")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    try:
-        return _atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, tight=True)
 
 
 def plot_metric(metrics: xr.Dataset, name: str, path: Path, *, label: str | None = None) -> Path:
     """One metric per iteration, one line per condition (with its interval when `<name>_lower/_upper` exist)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
     for condition in metrics["condition"].values:
         series = metrics[name].sel(condition=condition)
         ok = ~np.isnan(series.values)
@@ -168,7 +142,7 @@ def plot_metric(metrics: xr.Dataset, name: str, path: Path, *, label: str | None
         if lo in metrics and hi in metrics:
             ax.fill_between(x, metrics[lo].sel(condition=condition).values[ok],
                             metrics[hi].sel(condition=condition).values[ok], alpha=0.2)
-    return _save_per_iteration(plt, fig, ax, label or name, path)
+    return _save_per_iteration(fig, ax, label or name, path)
 
 
 def phenotype_summary(metrics: xr.Dataset) -> xr.Dataset:
@@ -183,16 +157,16 @@ def phenotype_summary(metrics: xr.Dataset) -> xr.Dataset:
 
 def plot_phenotype(metrics: xr.Dataset, path: Path) -> Path:
     """Observed phenotype mean +- sd per iteration, one line per condition (used when there is no fit)."""
-    plt = _pyplot()
     summary = phenotype_summary(metrics)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
     for condition in metrics["condition"].values:
         s = summary.sel(condition=condition)
         ok = s["count"].values > 0
         x = metrics["iteration"].values[ok]
         ax.errorbar(x, s["mean"].values[ok], yerr=s["std"].values[ok], marker="o", capsize=3,
                     label=str(condition))
-    return _save_per_iteration(plt, fig, ax, "high-frequency power (phenotype)", path)
+    return _save_per_iteration(fig, ax, "high-frequency power (phenotype)", path)
 
 
 def summary_table(metrics: xr.Dataset) -> list[dict]:
@@ -206,11 +180,43 @@ def summary_table(metrics: xr.Dataset) -> list[dict]:
                 continue
             row = {"condition": str(condition), "iteration": int(iteration), "hf_power_mean": float(s["mean"]),
                    "hf_power_std": float(s["std"]), "num_images": int(s["count"])}
-            for name in ("fd_dinov2", "recall", "sfd", "clip_score"):
+            for name in METRIC_NAMES:
                 if name in metrics:
                     row[name] = float(metrics[name].sel(condition=condition, iteration=iteration))
             rows.append(row)
     return rows
+
+
+def write_figures(run_dir: Path, metrics: xr.Dataset, out_dir: Path, *, images_per_cell: int = 4,
+                  phenotype: bool = True) -> dict[str, str]:
+    """Draw the run's figures into `out_dir`: the phenotype per iteration (unless `phenotype` is False, when
+    the caller draws a fitted one), the image grid, the radial spectra and each feature metric the run has.
+    Returns {caption: file name in out_dir}, in report order."""
+    out_dir = Path(out_dir)
+    figures: dict[str, str] = {}
+    if phenotype:
+        plot_phenotype(metrics, out_dir / "phenotype.png")
+        figures["Phenotype trajectories (no fit.nc: run `qtm fit` for fitted curves)"] = "phenotype.png"
+    plot_image_grid(run_dir, metrics, out_dir / "images.png", images_per_cell=images_per_cell)
+    figures["Images per condition and iteration"] = "images.png"
+    plot_radial_spectra(metrics, out_dir / "radial_spectra.png")
+    figures["Radial power spectra per iteration"] = "radial_spectra.png"
+    for name, label in (("fd_dinov2", "Frechet distance to the original images"),
+                        ("recall", "Recall against the original images (k = 5)"),
+                        ("sfd", "Paired feature distance to the original images (SFD)")):
+        if name in metrics and bool(metrics[name].notnull().any()):
+            plot_metric(metrics, name, out_dir / f"{name}.png", label=label)
+            figures[f"{label} per iteration"] = f"{name}.png"
+    return figures
+
+
+def describe_run(run_dir: Path, metrics: xr.Dataset) -> str:
+    """One paragraph for the report: the run folder, its dataset, base model, feature encoder and tau."""
+    encoder = metrics.attrs.get("feature_encoder", "")
+    return (f"Run directory `{run_dir}`; dataset `{metrics.attrs.get('dataset', '?')}`, base model "
+            f"`{metrics.attrs.get('base_model', '?')}`" + (f", feature encoder `{encoder}`" if encoder else "")
+            + ". The phenotype is the fraction of the normalised AC spectral energy above radius "
+            f"{metrics.attrs.get('phenotype_tau', 0.02)} cycles/pixel (DESIGN.md).")
 
 
 def _fmt(value: float) -> str:
@@ -224,7 +230,7 @@ def markdown_report(rows: list[dict], figures: dict[str, str], *, title: str, ex
         lines += [extra, ""]
     for caption, name in figures.items():
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
-    metric_names = [k for k in ("fd_dinov2", "recall", "sfd", "clip_score") if rows and k in rows[0]]
+    metric_names = [k for k in METRIC_NAMES if rows and k in rows[0]]
     lines += ["## Per iteration", "",
               "| condition | iteration | phenotype mean | phenotype sd | images | " + " | ".join(metric_names) + " |",
               "|---|---:|---:|---:|---:|" + "---:|" * len(metric_names)]

@@ -11,8 +11,13 @@ images a later iteration trains on are always read from their PNG files (also in
 every random draw comes from generators seeded by (run seed, condition, iteration, image), so an interrupted
 and resumed run gives the same metrics as an uninterrupted one (on the same device).
 
+Reading order: `run_chain` (the loop) calls `open_run` (resume checks, config.toml, D_0, the base model,
+metrics.nc with its provenance), `record_originals` (D_0 as iteration 0) and `run_cell` for every
+(condition, iteration) not yet finished (train, generate, save, measure, record).
+
 The finetune+generate stage is injectable (`stages=`): any callable IterationJob -> IterationResult, so the
-loop runs with stand-ins (tests use one that blurs its input).
+loop runs with stand-ins (tests use one that blurs its input). Progress is reported through callbacks the
+caller passes in (`progress`, the shell draws them); the JSONL event log `log.jsonl` is part of the run.
 """
 
 from __future__ import annotations
@@ -21,28 +26,29 @@ import dataclasses
 import datetime
 import json
 import math
-import subprocess
-import sys
 import time
-import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import xarray as xr
 
+from chain import store
 from chain.config import ChainConfig, ConditionConfig, config_to_toml
 from chain.data import CaptionedDataset, load_captioned_folder
-from chain.atomic import write_text_atomic
-from chain.images import list_images, load_image, save_image
+from chain.errors import RunError
+from chain.images import load_image, save_image
+from chain.measure import Measurer, build_clip, build_encoder
 from chain.sampling import image_seed, make_generator
-from chain import store
+from qtmio.atomic import write_text_atomic
+from qtmio.contract import METRICS_FILE
+from qtmio.images import list_images
+from qtmio.netcdf import read_netcdf, write_netcdf
+from qtmio.provenance import provenance
 
-PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "xarray", "h5netcdf")
-
-
-class RunError(ValueError):
-    """A run cannot start or continue; the message names the file and the fix."""
+PACKAGES = ("qtm", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "xarray", "h5netcdf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,54 +82,27 @@ class Stages(Protocol):
     def __call__(self, job: IterationJob) -> IterationResult: ...
 
 
-# ------------------------------------------------------------------------------------------------ reporting
+Progress = Callable[[str, int], Callable[..., None]]
+"""`progress(description, total)` starts a bar and returns `update(advance=1, *, completed=None, total=None,
+info="")`; a bar is done once it is complete. qtm.commands.common.progress_bars draws them with rich."""
 
 
-class Reporter:
-    """Rich progress on the terminal (main process only) and a JSONL event log."""
+def _no_progress(description: str, total: int) -> Callable[..., None]:
+    return lambda *args, **kwargs: None
 
-    def __init__(self, log_path: Path | None, *, enabled: bool, is_main: bool = True):
-        self.log_path = log_path if is_main else None
-        self.progress = None
-        if enabled and is_main:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"),
-            )
+class RunLog:
+    """The run's event log, one JSON object per line in log.jsonl (main process only; None: no log)."""
 
-    def __enter__(self):
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()
+    def __init__(self, path: Path | None):
+        self.path = path
 
     def event(self, kind: str, **fields) -> None:
-        if self.log_path is None:
+        if self.path is None:
             return
         row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "event": kind, **fields}
-        with open(self.log_path, "a") as fh:
+        with open(self.path, "a") as fh:
             fh.write(json.dumps(row, default=float) + "\n")
-
-    def task(self, description: str, total: int):
-        if self.progress is None:
-            return None
-        return self.progress.add_task(description, total=total, info="")
-
-    def update(self, task, *, advance: float = 0, completed: float | None = None, total: float | None = None,
-               info: str = "") -> None:
-        if self.progress is not None and task is not None:
-            kwargs = {"info": info, "total": total}
-            kwargs.update({"completed": completed} if completed is not None else {"advance": advance})
-            self.progress.update(task, **kwargs)
-
-    def remove(self, task) -> None:
-        if self.progress is not None and task is not None:
-            self.progress.remove_task(task)
 
 
 # ------------------------------------------------------------------------------------------------ the stages
@@ -136,10 +115,11 @@ class DiffusionStages:
     generates its share of the prompts; the images are gathered on every process.
     """
 
-    def __init__(self, base, accelerator, reporter: Reporter | None = None):
+    def __init__(self, base, accelerator, log: RunLog | None = None, progress: Progress | None = None):
         self.base = base  # pristine M_0, never modified
         self.accelerator = accelerator
-        self.reporter = reporter or Reporter(None, enabled=False)
+        self.log = log or RunLog(None)
+        self.progress = progress or _no_progress
 
     def __call__(self, job: IterationJob) -> IterationResult:
         from accelerate.utils import gather_object
@@ -151,22 +131,22 @@ class DiffusionStages:
         cfg = job.config
         acc = self.accelerator
         label = f"{job.condition.name} it {job.iteration}"
-        task = self.reporter.task(f"{label} finetune", total=1)
+        bar = self.progress(f"{label} finetune", 1)
         t0 = time.perf_counter()
 
         def on_step(step, total, loss):
             rate = step * cfg.finetune.batch_size / max(time.perf_counter() - t0, 1e-9)
-            self.reporter.update(task, completed=step, total=total, info=f"loss {loss:.4f}  {rate:.1f} samples/s")
+            bar(completed=step, total=total, info=f"loss {loss:.4f}  {rate:.1f} samples/s")
             if step == total or step % 50 == 0:
-                self.reporter.event("finetune_step", condition=job.condition.name, iteration=job.iteration,
-                                    step=step, total=total, loss=loss, samples_per_s=rate)
+                self.log.event("finetune_step", condition=job.condition.name, iteration=job.iteration,
+                               step=step, total=total, loss=loss, samples_per_s=rate)
 
         result = finetune(
             self.base, job.train_images, list(job.train_captions), cfg.finetune,
             condition_drop=job.condition.condition_drop, generator=make_generator(job.train_seed),
             accelerator=acc, init_lora=job.previous_lora_dir, on_step=on_step,
         )
-        self.reporter.remove(task)
+        bar(completed=result.num_steps, total=result.num_steps)  # done (fewer steps than planned also end it)
         if acc.is_main_process:
             save_lora(job.lora_dir, result.model.unet, result.model.text_encoder,
                       result.unet_lora_config, result.text_encoder_lora_config)
@@ -174,13 +154,13 @@ class DiffusionStages:
 
         indices = list(range(len(job.prompts)))
         t1 = time.perf_counter()
-        gtask = self.reporter.task(f"{label} generate", total=len(indices))
+        generate_bar = self.progress(f"{label} generate", len(indices))
         generated = [0]
 
         def on_batch(n):
             generated[0] += n
             rate = generated[0] * acc.num_processes / max(time.perf_counter() - t1, 1e-9)
-            self.reporter.update(gtask, advance=n * acc.num_processes, info=f"{rate:.2f} images/s")
+            generate_bar(n * acc.num_processes, info=f"{rate:.2f} images/s")
 
         with acc.split_between_processes(indices) as mine:
             gen = generate(
@@ -189,16 +169,16 @@ class DiffusionStages:
                 batch_size=cfg.sampling.batch_size, on_batch=on_batch,
             )
             parts = gather_object([(list(mine), gen.images, gen.latents, gen.guidance_diff_norm)])
-        self.reporter.remove(gtask)
+        generate_bar(completed=len(indices))
         order = [i for part in parts for i in part[0]]
         images = torch.cat([p[1] for p in parts])[np.argsort(order)]
         latents = torch.cat([p[2] for p in parts])
         norms = torch.cat([p[3] for p in parts])
         counts, _ = latent_histogram(latents, cfg.sampling.latent_histogram_bins, cfg.sampling.latent_histogram_range)
         seconds = time.perf_counter() - t1
-        self.reporter.event("generated", condition=job.condition.name, iteration=job.iteration,
-                            images=len(indices), seconds=seconds, images_per_s=len(indices) / max(seconds, 1e-9),
-                            finetune_seconds=result.seconds, finetune_steps=result.num_steps)
+        self.log.event("generated", condition=job.condition.name, iteration=job.iteration,
+                       images=len(indices), seconds=seconds, images_per_s=len(indices) / max(seconds, 1e-9),
+                       finetune_seconds=result.seconds, finetune_steps=result.num_steps)
         return IterationResult(
             images=images,
             train_loss=float(np.mean(result.losses[-max(1, len(result.losses) // 10):])) if result.losses else math.nan,
@@ -208,39 +188,18 @@ class DiffusionStages:
         )
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "absent"
-    return out
+# ------------------------------------------------------------------------------------------------ the run folder
 
 
 def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
     path = out_dir / "config.toml"
     text = config_to_toml(config)
-    produced = (out_dir / "metrics.nc").exists() or (out_dir / "base_model").exists()
+    produced = (out_dir / METRICS_FILE).exists() or (out_dir / "base_model").exists()
     if path.exists() and produced:  # before anything is produced a corrected config simply replaces it
         if path.read_text() != text:
             raise RunError(
-                f"{path} holds a different configuration: this folder belongs to another run. Use a new --out, "
-                "or delete the folder to start over"
+                f"{path} holds a different configuration: this folder belongs to another run. Use a new "
+                "{out_dir}, or delete the folder to start over", parameters=("out_dir",)
             )
         return
     write_text_atomic(path, text)
@@ -272,7 +231,8 @@ def _read_iteration_images(out_dir: Path, condition: str, iteration: int, expect
     if len(paths) != expected:
         raise RunError(
             f"{folder} holds {len(paths)} images, expected {expected}: the run folder is damaged; delete the "
-            f"folder and its lora/ twin and set completed = 0 for ({condition}, {iteration}), or start a new --out"
+            f"folder and its lora/ twin and set completed = 0 for ({condition}, {iteration}), or start a new "
+            "{out_dir}", parameters=("out_dir",)
         )
     return torch.stack([load_image(p) for p in paths])
 
@@ -309,104 +269,58 @@ def training_set(
     return train, tuple(captions)
 
 
-@dataclasses.dataclass
-class Measurements:
-    hf_power: np.ndarray
-    radial_psd: np.ndarray
-    angular_psd: np.ndarray
-    features: np.ndarray | None
-
-
-def measure(images: torch.Tensor, *, encoder=None, batch_size: int = 32, tau: float = 0.02) -> Measurements:
-    """Phenotype and spectra of every image (chain.spectra, DESIGN.md "The phenotype"), features if an
-    encoder is given. The spectra are means over images."""
-    from chain.spectra import measure_spectra, prepare_for_spectrum
-
-    hf, radial, angular = [], [], []
-    for start in range(0, len(images), batch_size):
-        chunk = torch.stack([prepare_for_spectrum(im) for im in images[start : start + batch_size]])
-        s = measure_spectra(chunk, dtype=torch.float64, tau=tau).numpy()
-        hf.append(s.hf_power)
-        radial.append(s.radial_psd)
-        angular.append(s.angular_psd)
-    features = None
-    if encoder is not None:
-        from chain.features import extract_features
-
-        features = extract_features(encoder, images, batch_size=batch_size)
-    # A constant image (one grey level) has no AC energy: its phenotype and spectra are undefined (NaN) and
-    # it is left out of the mean spectra rather than blanking them.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a cell of constant images only: NaN spectra
-        radial_mean = np.nanmean(np.concatenate(radial), axis=0)
-        angular_mean = np.nanmean(np.concatenate(angular), axis=0)
-    return Measurements(np.concatenate(hf), radial_mean, angular_mean, features)
-
-
-def feature_metrics(features: np.ndarray | None, features_0: np.ndarray | None, *, ipp: int, k: int) -> dict:
-    """FD, recall and SFD of D_k against D_0 (chain.metrics); empty without features."""
-    if features is None or features_0 is None:
-        return {}
-    from chain.metrics import frechet_distance, recall, sfd
-
-    out = {"sfd": float(sfd(features[::ipp], features_0))}
-    # FD needs two rows per set; recall's k-NN radii need more than k generated images (else NaN)
-    out["fd_dinov2"] = float(frechet_distance(features_0, features)) if min(len(features), len(features_0)) > 1 else math.nan
-    out["recall"] = float(recall(features_0, features, k=k)) if len(features) > k else math.nan
-    return out
-
-
-def _build_encoder(config: ChainConfig, device):
-    spec = config.metrics.encoder
-    if not spec:
-        return None
-    kind, _, name = spec.partition(":")
-    if kind != "dinov2" or not name:
-        raise RunError(f"metrics.encoder {spec!r}: expected 'dinov2:<folder or HF id>' or ''")
-    from chain.features import Dinov2Encoder
-
-    try:
-        return Dinov2Encoder.from_pretrained(name, device=device)
-    except FileNotFoundError as exc:
-        raise RunError(f"metrics.encoder: {exc}") from None
-
-
-def _build_clip(config: ChainConfig, device):
-    if not config.metrics.clip_model:
-        return None
-    from transformers import CLIPModel, CLIPTokenizer
-
-    name = config.metrics.clip_model
-    try:
-        model = CLIPModel.from_pretrained(name, local_files_only=True).to(device).eval()
-        tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=True)
-    except OSError as exc:
-        raise RunError(f"metrics.clip_model {name!r} is not a local folder or cached HF id: {exc}") from None
-    return model, tokenizer
-
-
 # ------------------------------------------------------------------------------------------------ the driver
 
 
-def run_chain(
-    config: ChainConfig,
-    out_dir: str | Path,
-    *,
-    progress: bool = True,
-    encoder=None,
-    stages: Stages | None = None,
-    after_cell: Callable[[str, int], None] | None = None,
-):
-    """Run (or continue) the chain of `config` in `out_dir`; returns the final metrics dataset (xarray).
+@dataclasses.dataclass
+class Run:
+    """An opened run (`open_run`): what every cell of it shares. `metrics` is the dataset of metrics.nc,
+    replaced by each recorded cell."""
 
-    config: a ChainConfig, from `chain.config.load_config(path)` or built in code with
-        `chain.config.config_from_dict({...})` (the same tables as a TOML file) or the dataclasses directly.
-    encoder: a chain.features.FeatureEncoder for fd_dinov2 / recall / sfd (overrides metrics.encoder).
-    stages: the finetune+generate stage (default DiffusionStages on the configured base model).
-    after_cell(condition, iteration): called after each finished cell has been written (a hook for
-    callers and tests).
-    The dataset (D_0) is checked completely before anything is trained; problems raise DatasetError.
-    """
+    config: ChainConfig
+    out_dir: Path
+    accelerator: Any
+    originals: CaptionedDataset
+    stages: Stages
+    measurer: Measurer
+    log: RunLog
+    metrics: xr.Dataset
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / METRICS_FILE
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def images_per_prompt(self) -> int:
+        return self.config.sampling.images_per_prompt
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """One prompt per image of a generated iteration (each original caption images_per_prompt times)."""
+        ipp = self.images_per_prompt
+        return tuple(self.originals.captions[i // ipp] for i in range(len(self.originals) * ipp))
+
+    def pending_cells(self) -> list[tuple[ConditionConfig, int]]:
+        """The (condition, iteration >= 1) cells not finished yet, in the order they run."""
+        done = store.completed_cells(self.metrics)
+        return [(condition, k) for condition in self.config.conditions
+                for k in range(1, self.config.run.num_iterations + 1) if (condition.name, k) not in done]
+
+    def record(self, condition: str | None, iteration: int, **values) -> None:
+        """Record one finished cell (condition None: iteration 0 of every condition) and write metrics.nc."""
+        self.metrics = store.record(self.metrics, condition=condition, iteration=iteration, **values)
+        write_netcdf(self.metrics, self.metrics_path)
+
+
+def open_run(config: ChainConfig, out_dir: str | Path, *, encoder=None, stages: Stages | None = None,
+             progress: Progress | None = None) -> Run:
+    """Open (or reopen) the run folder of `config`: check D_0 completely, check or write config.toml, build
+    the base model and the stages, and read metrics.nc (checked against the config) or create it with the
+    run's provenance. Raises DatasetError or RunError before anything is trained."""
     from accelerate import Accelerator
 
     out_dir = Path(out_dir)
@@ -415,7 +329,6 @@ def run_chain(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     accelerator = Accelerator(mixed_precision=config.finetune.mixed_precision, cpu=device == "cpu")
-    is_main = accelerator.is_main_process
     if stages is None and config.finetune.batch_size % accelerator.num_processes:
         raise RunError(
             f"finetune.batch_size = {config.finetune.batch_size} is not divisible by the "
@@ -425,141 +338,166 @@ def run_chain(
         config.data.path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
         format=config.data.format, center_crop=config.data.center_crop, max_images=config.data.max_images,
     )
+    is_main = accelerator.is_main_process
     if is_main:
         _check_or_write_config(config, out_dir)
     accelerator.wait_for_everyone()
-    n, ipp = len(originals), config.sampling.images_per_prompt
-    reporter = Reporter(out_dir / "log.jsonl", enabled=progress, is_main=is_main)
-    base_source = config.model.path
+    log = RunLog(out_dir / "log.jsonl" if is_main else None)
+    progress = progress if progress is not None and is_main else _no_progress
     if stages is None:
         with accelerator.main_process_first():  # the main process builds a "tiny" model folder once
             base = resolve_base_model(config, out_dir)
-        stages = DiffusionStages(base, accelerator, reporter)
-    if encoder is None:
-        encoder = _build_encoder(config, accelerator.device)
-    clip = _build_clip(config, accelerator.device)
+        stages = DiffusionStages(base, accelerator, log, progress)
+    measurer = Measurer(config.metrics, encoder if encoder is not None else build_encoder(config, accelerator.device),
+                        build_clip(config, accelerator.device))
+    accelerator.wait_for_everyone()
+    num_images = len(originals) * config.sampling.images_per_prompt
+    path = out_dir / METRICS_FILE
+    if path.exists():
+        metrics = read_netcdf(path)
+        _check_resumed_metrics(config, metrics, path, num_images)
+    else:
+        metrics = _new_metrics(config, num_images, measurer.encoder)
+    return Run(config, out_dir, accelerator, originals, stages, measurer, log, metrics)
 
-    metrics_path = out_dir / "metrics.nc"
+
+def _check_resumed_metrics(config: ChainConfig, metrics: xr.Dataset, path: Path, num_images: int) -> None:
+    expected = [c.name for c in config.conditions]
+    if list(map(str, metrics.condition.values)) != expected \
+            or metrics.sizes["iteration"] != config.run.num_iterations + 1:
+        raise RunError(f"{path} does not match the config's conditions/iterations; use a new {{out_dir}}",
+                       parameters=("out_dir",))
+    if metrics.sizes["image"] != num_images:
+        n, ipp = num_images // config.sampling.images_per_prompt, config.sampling.images_per_prompt
+        raise RunError(
+            f"{path} holds {metrics.sizes['image']} images per iteration but {config.data.path} now gives "
+            f"{num_images} ({n} images x {ipp} per prompt): the original images changed since this run started; "
+            "restore them or use a new {out_dir}", parameters=("out_dir",)
+        )
+
+
+def _new_metrics(config: ChainConfig, num_images: int, encoder) -> xr.Dataset:
+    """An empty metrics dataset (chain.store) whose attrs hold the run's provenance and configuration."""
     from chain.spectra import angular_bins, phenotype_attrs, radial_frequencies
 
     side = min(config.data.resolution, 256)
-    accelerator.wait_for_everyone()
-    if metrics_path.exists():
-        ds = store.read_metrics(metrics_path)
-        expected = [c.name for c in config.conditions]
-        if list(map(str, ds.condition.values)) != expected or ds.sizes["iteration"] != config.run.num_iterations + 1:
-            raise RunError(f"{metrics_path} does not match the config's conditions/iterations; use a new --out")
-        if ds.sizes["image"] != n * ipp:
-            raise RunError(
-                f"{metrics_path} holds {ds.sizes['image']} images per iteration but {config.data.path} now gives "
-                f"{n * ipp} ({n} images x {ipp} per prompt): the original images changed since this run started; "
-                "restore them or use a new --out"
-            )
-    else:
-        attrs = {
-            "dataset": config.run.dataset_name or Path(config.data.path).name,
-            "base_model": base_source,
-            "seed": config.run.seed,
-            "git_revision": _git_revision(),
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "config": config_to_toml(config),
-            "feature_encoder": getattr(encoder, "name", type(encoder).__name__) if encoder is not None else "",
-            "clip_model": config.metrics.clip_model,
-            **{f"version_{k}": v for k, v in _versions().items()},
-            **phenotype_attrs(config.metrics.phenotype_tau),
-        }
-        ds = store.empty_dataset(
-            conditions=[c.name for c in config.conditions],
-            cfg_scale=[c.guidance.nominal_scale for c in config.conditions],
-            cfg_schedule=[c.guidance.name for c in config.conditions],
-            condition_drop=[c.condition_drop for c in config.conditions],
-            num_iterations=config.run.num_iterations, num_images=n * ipp, images_per_prompt=ipp,
-            frequencies=radial_frequencies(side, side), angles=angular_bins(),
-            num_steps=config.sampling.num_steps,
-            latent_bin_edges=np.linspace(-config.sampling.latent_histogram_range,
-                                         config.sampling.latent_histogram_range,
-                                         config.sampling.latent_histogram_bins + 1),
-            attrs=attrs,
-        )
+    attrs = provenance(
+        PACKAGES, seed=config.run.seed,
+        dataset=config.run.dataset_name or Path(config.data.path).name,
+        base_model=config.model.path,
+        config=config_to_toml(config),
+        feature_encoder=getattr(encoder, "name", type(encoder).__name__) if encoder is not None else "",
+        clip_model=config.metrics.clip_model,
+        **phenotype_attrs(config.metrics.phenotype_tau),
+    )
+    sampling = config.sampling
+    return store.empty_dataset(
+        conditions=[c.name for c in config.conditions],
+        cfg_scale=[c.guidance.nominal_scale for c in config.conditions],
+        cfg_schedule=[c.guidance.name for c in config.conditions],
+        condition_drop=[c.condition_drop for c in config.conditions],
+        num_iterations=config.run.num_iterations, num_images=num_images, images_per_prompt=sampling.images_per_prompt,
+        frequencies=radial_frequencies(side, side), angles=angular_bins(), num_steps=sampling.num_steps,
+        latent_bin_edges=np.linspace(-sampling.latent_histogram_range, sampling.latent_histogram_range,
+                                     sampling.latent_histogram_bins + 1),
+        attrs=attrs,
+    )
 
-    done = store.completed_cells(ds)
-    first = config.conditions[0].name
-    with reporter:
-        reporter.event("start", out_dir=str(out_dir), conditions=[c.name for c in config.conditions],
-                       num_iterations=config.run.num_iterations, num_images=n, resumed=bool(done))
-        m0 = (measure(originals.images, encoder=encoder, batch_size=config.metrics.batch_size,
-                      tau=config.metrics.phenotype_tau) if is_main else None)
-        if is_main and (first, 0) not in done:
-            extra = feature_metrics(m0.features, m0.features, ipp=1, k=config.metrics.recall_k)
-            if clip is not None:
-                extra["clip_score"] = _clip_score(clip, originals.images, list(originals.captions))
-            ds = store.record(ds, condition=None, iteration=0, hf_power=m0.hf_power, radial_psd=m0.radial_psd,
-                              angular_psd=m0.angular_psd, metrics=extra)
-            store.write_metrics(ds, metrics_path)
-            reporter.event("measured", condition="*", iteration=0, hf_power_mean=_finite_mean(m0.hf_power),
-                           num_undefined=int(np.isnan(m0.hf_power).sum()))
-        prompts = tuple(originals.captions[i // ipp] for i in range(n * ipp))
-        total = len(config.conditions) * config.run.num_iterations
-        overall = reporter.task("chain", total=total)
-        reporter.update(overall, completed=len([d for d in done if d[1] > 0]))
-        for condition in config.conditions:
-            for k in range(1, config.run.num_iterations + 1):
-                if (condition.name, k) in done:
-                    continue
-                t0 = time.perf_counter()
-                train_images, train_captions = training_set(config, out_dir, condition.name, k, originals)
-                previous = None
-                if config.run.continual_finetuning and k > 1:
-                    previous = _lora_dir(out_dir, condition.name, k - 1)
-                job = IterationJob(
-                    config=config, condition=condition, iteration=k, train_images=train_images,
-                    train_captions=train_captions, prompts=prompts,
-                    seeds=tuple(image_seed(config.run.seed, condition.name, k, i) for i in range(n * ipp)),
-                    train_seed=image_seed(config.run.seed, condition.name, k, 0, "train"),
-                    lora_dir=_lora_dir(out_dir, condition.name, k), previous_lora_dir=previous,
-                )
-                result = stages(job)
-                if result.images.shape[0] != n * ipp:
-                    raise RunError(f"stage returned {result.images.shape[0]} images, expected {n * ipp}")
-                if is_main:
-                    folder = _image_dir(out_dir, condition.name, k)
-                    for i, image in enumerate(result.images):
-                        save_image(image, folder / f"{i:05d}.png")
-                    # Measure what was written (8-bit PNG), the same data the next iteration trains on.
-                    written = _read_iteration_images(out_dir, condition.name, k, n * ipp)
-                    mk = measure(written, encoder=encoder, batch_size=config.metrics.batch_size,
-                                 tau=config.metrics.phenotype_tau)
-                    extra = feature_metrics(mk.features, m0.features, ipp=ipp, k=config.metrics.recall_k)
-                    if clip is not None:
-                        extra["clip_score"] = _clip_score(clip, written, list(prompts))
-                    ds = store.record(
-                        ds, condition=condition.name, iteration=k, hf_power=mk.hf_power, radial_psd=mk.radial_psd,
-                        angular_psd=mk.angular_psd, metrics=extra, train_loss=result.train_loss,
-                        guidance_scale=result.guidance_scale, guidance_diff_norm=result.guidance_diff_norm,
-                        latent_histogram=result.latent_histogram,
-                    )
-                    store.write_metrics(ds, metrics_path)
-                    reporter.event("iteration_done", condition=condition.name, iteration=k,
-                                   seconds=time.perf_counter() - t0, train_loss=result.train_loss,
-                                   hf_power_mean=_finite_mean(mk.hf_power),
-                                   num_undefined=int(np.isnan(mk.hf_power).sum()), **extra)
-                accelerator.wait_for_everyone()
-                if not is_main:
-                    ds = store.read_metrics(metrics_path)
-                reporter.update(overall, advance=1, info=f"{condition.name} iteration {k}")
-                if after_cell is not None:
-                    after_cell(condition.name, k)
-        reporter.event("finished")
-    return ds
+
+def record_originals(run: Run) -> None:
+    """Measure D_0 (its features are the reference of every later cell) and, the first time, record it as
+    iteration 0 of every condition."""
+    if not run.is_main:
+        return
+    originals = run.originals
+    m0 = run.measurer.measure(originals.images)
+    run.measurer.reference = m0.features
+    if (run.config.conditions[0].name, 0) in store.completed_cells(run.metrics):
+        return
+    metrics = run.measurer.metrics(m0, originals.images, list(originals.captions))
+    run.record(None, 0, hf_power=m0.hf_power, radial_psd=m0.radial_psd, angular_psd=m0.angular_psd,
+               metrics=metrics)
+    run.log.event("measured", condition="*", iteration=0, hf_power_mean=_finite_mean(m0.hf_power),
+                  num_undefined=int(np.isnan(m0.hf_power).sum()))
+
+
+def run_cell(run: Run, condition: ConditionConfig, k: int) -> None:
+    """One (condition, iteration k >= 1): M_k = Finetune(M_0, D_{k-1}), D_k = Generate(M_k) by the stages;
+    the main process saves D_k as PNG, measures what was written (the data the next iteration trains on)
+    and records the cell in metrics.nc."""
+    t0 = time.perf_counter()
+    config, out_dir, seed = run.config, run.out_dir, run.config.run.seed
+    prompts = run.prompts
+    num_images = len(prompts)
+    train_images, train_captions = training_set(config, out_dir, condition.name, k, run.originals)
+    continual = config.run.continual_finetuning and k > 1
+    job = IterationJob(
+        config=config, condition=condition, iteration=k, train_images=train_images,
+        train_captions=train_captions, prompts=prompts,
+        seeds=tuple(image_seed(seed, condition.name, k, i) for i in range(num_images)),
+        train_seed=image_seed(seed, condition.name, k, 0, "train"),
+        lora_dir=_lora_dir(out_dir, condition.name, k),
+        previous_lora_dir=_lora_dir(out_dir, condition.name, k - 1) if continual else None,
+    )
+    result = run.stages(job)
+    if result.images.shape[0] != num_images:
+        raise RunError(f"stage returned {result.images.shape[0]} images, expected {num_images}")
+    if run.is_main:
+        folder = _image_dir(out_dir, condition.name, k)
+        for i, image in enumerate(result.images):
+            save_image(image, folder / f"{i:05d}.png")
+        # Measure what was written (8-bit PNG), the same data the next iteration trains on.
+        written = _read_iteration_images(out_dir, condition.name, k, num_images)
+        mk, metrics = run.measurer(written, list(prompts), images_per_prompt=run.images_per_prompt)
+        run.record(condition.name, k, hf_power=mk.hf_power, radial_psd=mk.radial_psd, angular_psd=mk.angular_psd,
+                   metrics=metrics, train_loss=result.train_loss, guidance_scale=result.guidance_scale,
+                   guidance_diff_norm=result.guidance_diff_norm, latent_histogram=result.latent_histogram)
+        run.log.event("iteration_done", condition=condition.name, iteration=k, seconds=time.perf_counter() - t0,
+                      train_loss=result.train_loss, hf_power_mean=_finite_mean(mk.hf_power),
+                      num_undefined=int(np.isnan(mk.hf_power).sum()), **metrics)
+    run.accelerator.wait_for_everyone()
+    if not run.is_main:
+        run.metrics = read_netcdf(run.metrics_path)
+
+
+def run_chain(
+    config: ChainConfig,
+    out_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+    encoder=None,
+    stages: Stages | None = None,
+    after_cell: Callable[[str, int], None] | None = None,
+) -> xr.Dataset:
+    """Run (or continue) the chain of `config` in `out_dir`; returns the final metrics dataset.
+
+    config: a ChainConfig, from `chain.config.load_config(path)` or built in code with
+        `chain.config.config_from_dict({...})` (the same tables as a TOML file) or the dataclasses directly.
+    progress: progress bars to report to (`Progress`; None reports nothing).
+    encoder: a chain.features.FeatureEncoder for fd_dinov2 / recall / sfd (overrides metrics.encoder).
+    stages: the finetune+generate stage (default DiffusionStages on the configured base model).
+    after_cell(condition, iteration): called after each finished cell has been written (a hook for
+    callers and tests).
+    The dataset (D_0) is checked completely before anything is trained; problems raise DatasetError.
+    """
+    run = open_run(config, out_dir, encoder=encoder, stages=stages, progress=progress)
+    pending = run.pending_cells()
+    total = len(config.conditions) * config.run.num_iterations
+    run.log.event("start", out_dir=str(run.out_dir), conditions=[c.name for c in config.conditions],
+                  num_iterations=config.run.num_iterations, num_images=len(run.originals),
+                  resumed=bool(store.completed_cells(run.metrics)))
+    record_originals(run)
+    bar = (progress if progress is not None and run.is_main else _no_progress)("chain", total)
+    bar(completed=total - len(pending))
+    for condition, k in pending:
+        run_cell(run, condition, k)
+        bar(info=f"{condition.name} iteration {k}")
+        if after_cell is not None:
+            after_cell(condition.name, k)
+    run.log.event("finished")
+    return run.metrics
 
 
 def _finite_mean(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else math.nan
-
-
-def _clip_score(clip, images: torch.Tensor, captions: list[str]) -> float:
-    from chain.metrics import clip_score
-
-    model, processor = clip
-    return float(clip_score(model, processor, images, captions))

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -336,7 +336,8 @@ class _Loaded(NamedTuple):
 
 def _load_prepared(index: int, path: Path) -> _Loaded:
     """Decode (keeping 8-bit images as uint8: the spectrum does not depend on the scale) and prepare."""
-    from chain.images import ImageReadError, decode_image
+    from chain.errors import ImageReadError
+    from chain.images import decode_image
 
     try:
         array = decode_image(path)
@@ -367,151 +368,187 @@ def _most_common_analysed_shape(paths: list[Path]) -> tuple[int, int] | None:
     return max(counts, key=counts.get) if counts else None
 
 
+class _Row(NamedTuple):
+    """One measured image of a folder: its relative path, original (H, W) and spectra (radial None when its
+    analysed size differs from the folder's reference size)."""
+
+    path: str
+    shape: tuple[int, int]
+    hf_power: float
+    radial_psd: np.ndarray | None
+    angular_psd: np.ndarray
+
+
+def decode_ahead(paths: list[Path], *, batch_size: int, num_workers: int) -> Iterator[list[_Loaded]]:
+    """Batches of `batch_size` decoded and prepared images (the last one shorter), in list order.
+
+    Decoding and resizing run ahead in `num_workers` threads while the caller transforms the current batch,
+    at most 2 batches ahead: at most 3 x `batch_size` decoded images are held at once.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        queue = iter(enumerate(paths))
+        pending: deque = deque()
+
+        def fill() -> None:
+            for index, path in queue:
+                pending.append(pool.submit(_load_prepared, index, path))
+                if len(pending) >= 2 * batch_size:
+                    return
+
+        fill()
+        while pending:
+            loaded = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+            fill()
+            yield loaded
+
+
+def _measure_batch(good: list[_Loaded], *, device: torch.device, tau: float,
+                   reference_shape: tuple[int, int]) -> dict[int, tuple[float, np.ndarray | None, np.ndarray]]:
+    """Spectra of decoded images, grouped by size (one batched FFT per size): {index: (hf_power, radial row or
+    None where the analysed size is not `reference_shape`, angular row)}."""
+    results: dict[int, tuple[float, np.ndarray | None, np.ndarray]] = {}
+    groups: dict[tuple, list[_Loaded]] = {}
+    for item in good:
+        groups.setdefault(tuple(item.image.shape), []).append(item)
+    for shape, members in groups.items():
+        if len({m.image.dtype for m in members}) > 1:  # uint8 and float images: one dtype
+            stacked = torch.stack([m.image.to(torch.float32) for m in members]).to(device)
+        else:
+            stacked = torch.stack([m.image for m in members]).to(device)
+        spectra = measure_spectra(stacked, tau=tau).numpy()
+        same_rings = tuple(shape[-2:]) == tuple(reference_shape)
+        for row, member in enumerate(members):
+            results[member.index] = (spectra.hf_power[row], spectra.radial_psd[row] if same_rings else None,
+                                     spectra.angular_psd[row])
+    return results
+
+
 def measure_folder(
     root: str | os.PathLike,
     *,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
-    progress: bool = True,
     num_workers: int | None = None,
     on_error: Callable[[Path, str], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
     tau: float = HF_THRESHOLD,
 ):
-    """Measure every image under `root` (chain.images.list_images) and return an xarray.Dataset.
+    """Measure every image under `root` (qtmio.images.list_images) and return an xarray.Dataset.
 
-    Streams: at most 3 x `batch_size` decoded images are held at once; decoding and resizing run ahead in
-    `num_workers` threads (default min(4, cpu count)) while the FFTs of the current batch run on `device`.
-    An unreadable image is skipped and reported through `on_error(path, reason)` and the attrs `num_failed`
-    and `failed` (a JSON list of {"path", "reason"} with paths relative to `root`).
+    Streams (`decode_ahead`): decoding and resizing run ahead in `num_workers` threads (default
+    min(4, cpu count)) while the FFTs of the current batch run on `device`. An unreadable image is skipped
+    and reported through `on_error(path, reason)` and the attrs `num_failed` and `failed` (a JSON list of
+    {"path", "reason"} with paths relative to `root`). `on_progress(n)` is called after every batch with
+    the number of images it handled (read or skipped).
 
-    Dataset: dimension `image` (coordinate 0 .. N-1 over the images that were read, in list order);
-    `path` (image, relative posix path), `height`, `width` (image, original size), `hf_power` (image),
-    `radial_psd` (image, frequency), `angular_psd` (image, angle); coordinates `frequency` (cycles/pixel)
-    and `angle` (radians). Radial rings depend on the analysed size: rows of images whose analysed size
-    differs from the most common one (read from the file headers) are NaN in `radial_psd` (counted in attr
-    `num_radial_mismatched`).
+    Dataset (`folder_dataset`): dimension `image` (coordinate 0 .. N-1 over the images that were read, in
+    list order); `path` (image, relative posix path), `height`, `width` (image, original size), `hf_power`
+    (image), `radial_psd` (image, frequency), `angular_psd` (image, angle); coordinates `frequency`
+    (cycles/pixel) and `angle` (radians). Radial rings depend on the analysed size: rows of images whose
+    analysed size differs from the most common one (read from the file headers) are NaN in `radial_psd`
+    (counted in attr `num_radial_mismatched`).
     Attrs: phenotype_attrs(tau), `num_images`, `num_failed`, `failed`, `root`.
     """
-    import xarray as xr
+    from qtmio.images import list_images
 
     root = Path(root)
-    from chain.images import list_images
-
     paths = list_images(root)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
     device = torch.device(device)
-
-    rel_paths: list[str] = []
-    shapes: list[tuple[int, int]] = []
-    hf: list[np.ndarray] = []
-    angular: list[np.ndarray] = []
-    radial: list[np.ndarray] = []
     reference_shape = _most_common_analysed_shape(paths)
-    mismatched = 0
+    rows: list[_Row] = []
     failed: list[dict[str, str]] = []
+    for loaded in decode_ahead(paths, batch_size=batch_size, num_workers=workers):
+        good = []
+        for item in loaded:
+            if item.error is None:
+                good.append(item)
+                continue
+            failed.append({"path": paths[item.index].relative_to(root).as_posix(), "reason": item.error})
+            if on_error is not None:
+                on_error(paths[item.index], item.error)
+        if good and reference_shape is None:  # no readable header: the first measured size is the reference
+            reference_shape = tuple(good[0].image.shape[-2:])
+        measured = _measure_batch(good, device=device, tau=tau, reference_shape=reference_shape)
+        rows += [_Row(paths[item.index].relative_to(root).as_posix(), item.original_shape, *measured[item.index])
+                 for item in good]
+        if on_progress is not None:
+            on_progress(len(loaded))
+    return folder_dataset(rows, failed, reference_shape=reference_shape, root=root, tau=tau)
 
-    progress_bar = None
-    task = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        progress_bar = Progress(TextColumn("spectra"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                transient=True)
-        progress_bar.start()
-        task = progress_bar.add_task("spectra", total=len(paths))
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            # Decode ahead (at most 2 batches) while the current batch is transformed: bounded memory.
-            queue = iter(enumerate(paths))
-            pending: deque = deque()
+def folder_dataset(rows: list[_Row], failed: list[dict[str, str]], *, reference_shape: tuple[int, int] | None,
+                   root: Path, tau: float):
+    """The dataset of `measure_folder` from its measured rows (see there)."""
+    import xarray as xr
 
-            def fill() -> None:
-                for index, path in queue:
-                    pending.append(pool.submit(_load_prepared, index, path))
-                    if len(pending) >= 2 * batch_size:
-                        return
-
-            fill()
-            while pending:
-                loaded = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
-                fill()
-                good = []
-                for item in loaded:
-                    if item.error is not None:
-                        rel = paths[item.index].relative_to(root).as_posix()
-                        failed.append({"path": rel, "reason": item.error})
-                        if on_error is not None:
-                            on_error(paths[item.index], item.error)
-                    else:
-                        good.append(item)
-                # group equally sized analysed images, keep list order in the output
-                results: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
-                groups: dict[tuple, list[_Loaded]] = {}
-                for item in good:
-                    groups.setdefault(tuple(item.image.shape), []).append(item)
-                for shape, members in groups.items():
-                    if len({m.image.dtype for m in members}) > 1:  # uint8 and float images: one dtype
-                        stacked = torch.stack([m.image.to(torch.float32) for m in members]).to(device)
-                    else:
-                        stacked = torch.stack([m.image for m in members]).to(device)
-                    spectra = measure_spectra(stacked, tau=tau).numpy()
-                    if reference_shape is None:
-                        reference_shape = tuple(shape[-2:])
-                    for row, member in enumerate(members):
-                        if tuple(shape[-2:]) == tuple(reference_shape):
-                            ring_row = spectra.radial_psd[row]
-                        else:
-                            ring_row = None
-                        results[member.index] = (spectra.hf_power[row], ring_row, spectra.angular_psd[row])
-                for item in good:
-                    value, ring_row, angle_row = results[item.index]
-                    rel_paths.append(paths[item.index].relative_to(root).as_posix())
-                    shapes.append(item.original_shape)
-                    hf.append(value)
-                    radial.append(ring_row)
-                    angular.append(angle_row)
-                if progress_bar is not None:
-                    progress_bar.advance(task, len(loaded))
-    finally:
-        if progress_bar is not None:
-            progress_bar.stop()
-
-    if reference_shape is None:
-        frequencies = radial_frequencies(SPECTRUM_SIZE, SPECTRUM_SIZE)
-    else:
-        frequencies = radial_frequencies(*reference_shape)
-    radial_array = np.full((len(hf), len(frequencies)), np.nan)
-    for row, ring_row in enumerate(radial):
-        if ring_row is None:
-            mismatched += 1
-        else:
-            radial_array[row] = ring_row
+    frequencies = radial_frequencies(*(reference_shape or (SPECTRUM_SIZE, SPECTRUM_SIZE)))
+    radial = np.full((len(rows), len(frequencies)), np.nan)
+    for i, row in enumerate(rows):
+        if row.radial_psd is not None:
+            radial[i] = row.radial_psd
     ds = xr.Dataset(
         data_vars={
-            "path": ("image", np.asarray(rel_paths, dtype=object)),
-            "height": ("image", np.asarray([s[0] for s in shapes], dtype=np.int64)),
-            "width": ("image", np.asarray([s[1] for s in shapes], dtype=np.int64)),
-            "hf_power": ("image", np.asarray(hf, dtype=np.float64)),
-            "radial_psd": (("image", "frequency"), radial_array),
-            "angular_psd": (("image", "angle"), np.asarray(angular, dtype=np.float64).reshape(-1, NUM_ANGLES)),
+            "path": ("image", np.asarray([r.path for r in rows], dtype=object)),
+            "height": ("image", np.asarray([r.shape[0] for r in rows], dtype=np.int64)),
+            "width": ("image", np.asarray([r.shape[1] for r in rows], dtype=np.int64)),
+            "hf_power": ("image", np.asarray([r.hf_power for r in rows], dtype=np.float64)),
+            "radial_psd": (("image", "frequency"), radial),
+            "angular_psd": (("image", "angle"),
+                            np.asarray([r.angular_psd for r in rows], dtype=np.float64).reshape(-1, NUM_ANGLES)),
         },
         coords={
-            "image": np.arange(len(hf), dtype=np.int64),
+            "image": np.arange(len(rows), dtype=np.int64),
             "frequency": frequencies,
             "angle": angular_bins(),
         },
         attrs={
             **phenotype_attrs(tau),
             "root": str(root),
-            "num_images": len(hf),
+            "num_images": len(rows),
             "num_failed": len(failed),
             "failed": json.dumps(failed),
-            "num_radial_mismatched": mismatched,
+            "num_radial_mismatched": sum(r.radial_psd is None for r in rows),
         },
     )
     ds["hf_power"].attrs.update(units="1", long_name="fraction of normalised spectral energy above tau")
     ds["frequency"].attrs.update(units="cycles/pixel")
     ds["angle"].attrs.update(units="radian")
     return ds
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The figure of a folder
+
+
+def plot_folder(ds, path: str | os.PathLike) -> Path:
+    """Draw a `measure_folder` dataset: the hf_power histogram, the mean radial spectrum (log scale) and the
+    mean angular spectrum, side by side; written atomically (qtmio.figures, format from the suffix)."""
+    from qtmio.figures import figure, save_figure
+
+    fig = figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
+    hf = ds["hf_power"].values
+    hf = hf[np.isfinite(hf)]
+    axes[0].hist(hf, bins=min(50, max(5, hf.size // 4)), color="tab:blue")
+    axes[0].set_xlabel(f"hf_power (fraction of energy at r > {ds.attrs['phenotype_tau']})")
+    axes[0].set_ylabel("images")
+    axes[0].set_title(f"{hf.size} images, mean {hf.mean():.4g}" if hf.size else "no finite values")
+    radial = ds["radial_psd"].mean("image", skipna=True).values
+    freq = ds["frequency"].values
+    keep = (freq > 0) & np.isfinite(radial) & (radial > 0)
+    axes[1].semilogy(freq[keep], radial[keep])
+    axes[1].axvline(ds.attrs["phenotype_tau"], color="grey", ls="--", lw=0.8)
+    axes[1].set_xlabel("radial frequency (cycles/pixel)")
+    axes[1].set_ylabel("mean ring power")
+    axes[1].set_title("radial spectrum")
+    angular = ds["angular_psd"].mean("image").values
+    degrees = np.degrees(ds["angle"].values)
+    axes[2].plot(degrees, angular, marker="o")
+    axes[2].set_xlabel("orientation (degrees, folded to [0, 180))")
+    axes[2].set_ylabel("mean sector power (r > 0.1)")
+    axes[2].set_title("angular spectrum")
+    fig.tight_layout()
+    return save_figure(fig, path)

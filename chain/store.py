@@ -1,4 +1,5 @@
-"""The results store: `metrics.nc`, the contract between the chain and the fit (DESIGN.md "The results contract").
+"""The results store: the chain's `metrics.nc`, a dataset of the results contract (qtmio.contract; DESIGN.md
+"The results contract") with this engine's extras.
 
 Dimensions: condition (str), iteration (0 = D_0, k = images of M_k), image (index of the prompt/original
 image; with several images per prompt, image = prompt * images_per_prompt + j), frequency, angle, plus this
@@ -13,22 +14,16 @@ guidance_scale and guidance_diff_norm (condition, iteration, step; Appendix G.1:
 |e_cond - e_uncond|), latent_histogram (condition, iteration, latent_bin; Appendix G.2) with
 latent_bin_edges, image_prompt (image).
 
-Every write goes to a temp file in the same folder, then os.replace: a reader or a killed writer never sees a
-half-written file.
+The file is written and read with qtmio.netcdf (write_netcdf, read_netcdf): atomically, so a reader or a
+killed writer never sees a half-written file.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import xarray as xr
 
-from chain.atomic import atomic_write_path
-
-SCHEMA_VERSION = 1
-METRIC_NAMES = ("fd_dinov2", "recall", "sfd", "clip_score")
+from qtmio.contract import METRIC_NAMES, SCHEMA_VERSION
 
 
 def empty_dataset(
@@ -138,18 +133,3 @@ def completed_cells(ds: xr.Dataset) -> set[tuple[str, int]]:
         for j, k in enumerate(ds.iteration.values)
         if done[i, j]
     }
-
-
-def write_metrics(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write netCDF4/HDF5 (h5netcdf) atomically: temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write_path(path) as tmp:
-        ds.to_netcdf(tmp, engine="h5netcdf")
-    return path
-
-
-def read_metrics(path: str | os.PathLike) -> xr.Dataset:
-    """Load a metrics file fully into memory (the file is closed again, so it can be replaced)."""
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        return ds.load()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from fitting.errors import FitError, ModelError, ObservationError
 from fitting.forecast import Prediction, align, forecast_report, goodness_of_fit, predict
 from fitting.model import ModelSpec, Problem, build_problem
 from fitting.observations import Observations
@@ -18,10 +19,6 @@ from qtm.params import PARAM_NAMES, require_x64
 
 INTERVALS = ("laplace", "profile", "bootstrap")
 _IDX = {name: i for i, name in enumerate(PARAM_NAMES)}
-
-
-class FitError(RuntimeError):
-    """The optimization failed from every start; the message says what was tried."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +33,19 @@ class FitConfig:
     num_draws: int = 1000
 
     def validate(self) -> None:
+        """Raise ModelError naming the inconsistent fields (in braces, qtmio.errors) and the fix."""
         self.spec.validate()
         if self.interval not in INTERVALS:
-            raise ValueError(f"--interval must be one of {', '.join(INTERVALS)}; got {self.interval!r}")
+            raise ModelError(f"{{interval}} must be one of {', '.join(INTERVALS)}; got {self.interval!r}",
+                             parameters=("interval",))
         if self.num_starts < 1:
-            raise ValueError(f"--starts must be >= 1; got {self.num_starts}")
+            raise ModelError(f"{{num_starts}} must be >= 1; got {self.num_starts}", parameters=("num_starts",))
+        if self.num_bootstrap < 2:
+            raise ModelError(f"{{num_bootstrap}} must be >= 2; got {self.num_bootstrap}",
+                             parameters=("num_bootstrap",))
         if self.train_iterations is not None and self.train_iterations < 1:
-            raise ValueError(f"--train-iterations must be >= 1; got {self.train_iterations}")
+            raise ModelError(f"{{train_iterations}} must be >= 1; got {self.train_iterations}",
+                             parameters=("train_iterations",))
 
     def to_attrs(self) -> dict[str, str | int]:
         spec = self.spec
@@ -110,10 +113,9 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     require_x64()
     config.validate()
     if config.interval == "bootstrap" and obs.phenotypes is None:
-        from fitting.observations import ObservationError
-
-        raise ObservationError(f"{obs.source}: --interval bootstrap needs the per-image variable 'hf_power'; "
-                               "this dataset holds only the summary trio (use laplace or profile)")
+        raise ObservationError(f"{obs.source}: {{interval}} bootstrap needs the per-image variable 'hf_power'; "
+                               "this dataset holds only the summary trio (use laplace or profile)",
+                               parameters=("interval",))
     train = obs if config.train_iterations is None else obs.restrict(config.train_iterations)
     # The trajectory always runs to the last observed iteration (the forecast horizon); a training subset
     # only removes cells from the objective.
@@ -135,7 +137,8 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     if not optimization.ok:
         messages = "; ".join(sorted({s.message for s in optimization.starts}))
         raise FitError(f"the optimization failed from all {len(optimization.starts)} starts ({messages}); "
-                       "try more --starts or fix poorly determined parameters with --fix")
+                       "try more {num_starts} or fix poorly determined parameters with {fixed}",
+                       parameters=("num_starts", "fixed"))
     u_hat, nll_hat = optimization.best.u, optimization.best.nll
 
     unc = laplace(problem, u_hat, nll_hat)
@@ -193,7 +196,7 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
                         f"({optimization.best.message})")
     if len(optimization.starts) > 1 and optimization.agreeing_starts < 2:
         warnings.append("only one start reached the best objective: the optimum may be local "
-                        "(try more --starts)")
+                        "(try more starts)")
     info = information_criteria(problem, nll_hat)
     return FitResult(config=config, observations=obs, train=train, problem=problem, optimization=optimization,
                      uncertainty=unc, estimate=table, lower=lower, upper=upper, free=free, identified=identified,

@@ -46,6 +46,7 @@ import numpy as np
 import scipy.special
 from jax.scipy.special import gammaln
 
+from fitting.errors import ModelError
 from fitting.observations import CellStatistics, Observations, cell_statistics
 from qtm.params import PARAM_NAMES, TraitParams, require_x64
 
@@ -61,10 +62,6 @@ DEFAULT_SHARED = ("mu0", "sigma_g0", "sigma_env")
 POSITIVE = ("sigma_mut", "sigma_g0", "sigma_env")
 DEFAULT_SOFT_TAIL_RATE = 0.1  # the paper's lambda (Appendix D.2.3) when tail_rate is held fixed
 _IDX = {name: i for i, name in enumerate(PARAM_NAMES)}
-
-
-class ModelError(ValueError):
-    """An inconsistent model specification; the message names the flag and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,52 +116,61 @@ class ModelSpec:
         return "additive" if self.mutation == "additive" else "paper"
 
     def validate(self) -> None:
-        for flag, value, allowed in (("--model", self.selection, SELECTIONS),
-                                     ("--mutation", self.mutation, MUTATIONS),
-                                     ("--variance", self.variance, VARIANCES),
-                                     ("--objective", self.objective, OBJECTIVES)):
+        """Raise ModelError naming the inconsistent fields (in braces, qtmio.errors) and the fix."""
+        for field, value, allowed in (("selection", self.selection, SELECTIONS),
+                                      ("mutation", self.mutation, MUTATIONS),
+                                      ("variance", self.variance, VARIANCES),
+                                      ("objective", self.objective, OBJECTIVES)):
             if value not in allowed:
-                raise ModelError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
-        for flag, names in (("--free", self.free or ()), ("--share", self.shared),
-                            ("--fix", [n for n, _ in self.fixed])):
+                raise ModelError(f"{{{field}}} must be one of {', '.join(allowed)}; got {value!r}",
+                                 parameters=(field,))
+        for field, names in (("free", self.free or ()), ("shared", self.shared),
+                             ("fixed", [n for n, _ in self.fixed])):
             for name in names:
                 if name not in PARAM_NAMES:
-                    raise ModelError(f"{flag}: unknown parameter {name!r}; parameters are "
-                                     f"{', '.join(PARAM_NAMES)}")
+                    raise ModelError(f"{{{field}}}: unknown parameter {name!r}; parameters are "
+                                     f"{', '.join(PARAM_NAMES)}", parameters=(field,))
         free = self.free_names()
         fixed = dict(self.fixed)
         if self.selection == "hard" and "tail_rate" in free:
-            raise ModelError("tail_rate is free but --model hard fixes it at inf; use --model soft")
+            raise ModelError("tail_rate is free but {selection} hard fixes it at inf; use {selection} soft",
+                             parameters=("selection",))
         if self.selection == "hard" and "tail_rate" in fixed and math.isfinite(fixed["tail_rate"]):
-            raise ModelError("--fix tail_rate with a finite value needs --model soft")
+            raise ModelError("{fixed} tail_rate with a finite value needs {selection} soft",
+                             parameters=("fixed", "selection"))
         if self.selection == "soft" and "tail_rate" in fixed and not (0 < fixed["tail_rate"] < math.inf):
-            raise ModelError("--fix tail_rate must be a finite value > 0 with --model soft")
+            raise ModelError("{fixed} tail_rate must be a finite value > 0 with {selection} soft",
+                             parameters=("fixed", "selection"))
         if self.mutation == "none" and "sigma_mut" in free:
-            raise ModelError("sigma_mut is free but --mutation none fixes it at 0; use --mutation paper "
-                             "or additive")
+            raise ModelError("sigma_mut is free but {mutation} none fixes it at 0; use {mutation} paper "
+                             "or additive", parameters=("mutation",))
         if self.mutation == "none" and fixed.get("sigma_mut", 0.0) != 0.0:
-            raise ModelError("--fix sigma_mut with a non-zero value needs --mutation paper or additive")
+            raise ModelError("{fixed} sigma_mut with a non-zero value needs {mutation} paper or additive",
+                             parameters=("fixed", "mutation"))
         for name in ("r1", "r2"):
             if name in fixed and not 0.0 <= fixed[name] < 1.0:
-                raise ModelError(f"--fix {name}={fixed[name]} must lie in [0, 1)")
+                raise ModelError(f"{{fixed}} {name}={fixed[name]} must lie in [0, 1)", parameters=("fixed",))
         if "r1" in fixed and "r2" in fixed and fixed["r1"] + fixed["r2"] >= 1:
-            raise ModelError("--fix r1 and r2 must satisfy r1 + r2 < 1")
+            raise ModelError("{fixed} r1 and r2 must satisfy r1 + r2 < 1", parameters=("fixed",))
         for name in POSITIVE:
             if name in fixed and not (0.0 <= fixed[name] < math.inf):
-                raise ModelError(f"--fix {name}={fixed[name]} must be a finite value >= 0")
+                raise ModelError(f"{{fixed}} {name}={fixed[name]} must be a finite value >= 0",
+                                 parameters=("fixed",))
         if "mu0" in fixed and not math.isfinite(fixed["mu0"]):
-            raise ModelError("--fix mu0 must be finite")
+            raise ModelError("{fixed} mu0 must be finite", parameters=("fixed",))
         if self.drift and self.selection != "hard":
-            raise ModelError("--drift supports --model hard only (the drift of soft selection is not "
-                             "derived); use --model hard or --no-drift")
+            raise ModelError("{drift} supports {selection} hard only (the drift of soft selection is not "
+                             "derived); use {selection} hard or leave out {drift}", parameters=("drift", "selection"))
         if self.drift and self.objective != "likelihood":
-            raise ModelError("--drift needs --objective likelihood")
+            raise ModelError("{drift} needs {objective} likelihood", parameters=("drift", "objective"))
         if self.population is not None and not self.drift:
-            raise ModelError("--population is used by the drift model only; add --drift")
+            raise ModelError("{population} is used by the drift model only; add {drift}",
+                             parameters=("population", "drift"))
         if self.population is not None and self.population < 2:
-            raise ModelError(f"--population must be >= 2; got {self.population}")
+            raise ModelError(f"{{population}} must be >= 2; got {self.population}", parameters=("population",))
         if not free:
-            raise ModelError("no free parameter left: --free/--fix leave nothing to fit")
+            raise ModelError("no free parameter left: {free}/{fixed} leave nothing to fit",
+                             parameters=("free", "fixed"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,9 +302,9 @@ def build_problem(obs: Observations, spec: ModelSpec, *, num_iterations: int | N
     s_ref = float(np.sqrt(v_ref.mean())) if v_ref.size and v_ref.mean() > 0 else max(abs(m_ref), 1e-3)
 
     if spec.drift and spec.population is not None and cells.num_images.max() > spec.population:
-        raise ModelError(f"--population {spec.population} is smaller than the {int(cells.num_images.max())} "
+        raise ModelError(f"{{population}} {spec.population} is smaller than the {int(cells.num_images.max())} "
                          f"images of a cell of {obs.source}; give the number of images generated per "
-                         "iteration (>= the number measured)")
+                         "iteration (>= the number measured)", parameters=("population",))
     conditions = obs.conditions
     num_c = len(conditions)
     free_names = spec.free_names()

@@ -1,10 +1,10 @@
 """Observations for the fit: per condition and iteration, the sufficient statistics of the phenotype.
 
-Reads the results contract of DESIGN.md ("The results contract"): a run directory holding `metrics.nc`, or a
-netCDF file, with either the per-image phenotype `hf_power` (condition, iteration, image; NaN = not produced)
-or the summary-only trio `hf_power_mean`, `hf_power_std`, `num_images` (condition, iteration). Only those
-variables, the coordinates `condition` and `iteration` and the attribute `schema_version` (= 1) are required,
-so a dataset written by hand with plain xarray works.
+Reads the results contract (qtmio.contract; DESIGN.md "The results contract"): a run directory holding
+`metrics.nc`, or a netCDF file, with either the per-image phenotype `hf_power` (condition, iteration, image;
+NaN = not produced) or the summary-only trio `hf_power_mean`, `hf_power_std`, `num_images` (condition,
+iteration). Only those variables, the coordinates `condition` and `iteration` and the attribute
+`schema_version` (= 1) are required, so a dataset written by hand with plain xarray works.
 
 Every problem is an `ObservationError` whose message names the file, the variable and the fix.
 
@@ -30,13 +30,9 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-PHENOTYPE = "hf_power"
-SUMMARY_VARIABLES = ("hf_power_mean", "hf_power_std", "num_images")
-
-
-class ObservationError(ValueError):
-    """A results dataset that cannot be fitted; the message names the file, the variable and the fix."""
+from fitting.errors import ObservationError
+from qtmio.contract import PHENOTYPE, read_phenotypes, read_results, results_file
+from qtmio.errors import ContractError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +72,7 @@ class Observations:
         keep = self.iterations <= max_iteration
         if int(keep.sum()) < 2:
             raise ObservationError(
-                f"{self.source}: --train-iterations {max_iteration} leaves {int(keep.sum())} iteration(s) "
+                f"{self.source}: iterations <= {max_iteration} are {int(keep.sum())} iteration(s) "
                 f"(observed iterations {self.iterations.tolist()}); need at least 2 to fit"
             )
         return dataclasses.replace(
@@ -94,7 +90,7 @@ class Observations:
         if self.phenotypes is None:
             raise ObservationError(
                 f"{self.source}: a bootstrap over images needs the per-image variable '{PHENOTYPE}'; "
-                "this dataset holds only the summary trio (use --interval laplace or profile)"
+                "this dataset holds only the summary trio (a laplace or profile interval needs no more)"
             )
         return from_phenotypes(self.conditions, self.iterations, self.phenotypes[:, :, image_index],
                                source=self.source)
@@ -216,148 +212,30 @@ def from_summary(conditions, iterations, mean, std, num_images, *, ddof: int = 1
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def resolve_path(path: str | Path) -> Path:
-    """A run directory (results/NAME, holding metrics.nc) or a .nc file."""
-    p = Path(path)
-    if p.is_dir():
-        candidate = p / "metrics.nc"
-        if not candidate.is_file():
-            raise ObservationError(f"{p}: directory holds no metrics.nc; pass a run directory "
-                                   "(results/NAME) or a .nc file")
-        return candidate
-    if not p.exists():
-        raise ObservationError(f"{p}: no such file or directory; pass a run directory (results/NAME) "
-                               "or a .nc file")
-    return p
-
-
 def load_observations(path: str | Path) -> Observations:
-    """Read and validate a results dataset (see the module docstring). Raises ObservationError."""
-    import xarray as xr
-
-    file = resolve_path(path)
+    """Read a run directory (results/NAME, holding metrics.nc) or a .nc file of the results contract
+    (qtmio.contract) and extract its observations. Raises ObservationError."""
     try:
-        with xr.open_dataset(file, engine="h5netcdf") as ds:
-            ds = ds.load()
-    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
-        raise ObservationError(f"{file}: cannot read as a netCDF4/HDF5 dataset ({type(exc).__name__}: "
-                               f"{exc}); write it with xarray's to_netcdf(engine='h5netcdf')") from exc
+        file = results_file(path)
+        ds = read_results(file)
+    except ContractError as err:
+        raise ObservationError(str(err)) from err
     return observations_from_dataset(ds, source=str(file))
 
 
 def observations_from_dataset(ds: Any, *, source: str = "<dataset>") -> Observations:
     """Validate an xarray Dataset of the results contract and extract its observations."""
-    _check_schema(ds, source)
-    for coord in ("condition", "iteration"):
-        if coord not in ds.coords and coord not in ds.dims:
-            raise ObservationError(f"{source}: coordinate '{coord}' is missing; the fit needs the dimensions "
-                                   "'condition' and 'iteration' (DESIGN.md, the results contract)")
-    conditions = [str(c) for c in np.asarray(ds["condition"].values).tolist()]
-    if len(set(conditions)) != len(conditions):
-        raise ObservationError(f"{source}: coordinate 'condition' has repeated names {conditions}")
-    iterations = np.asarray(ds["iteration"].values)
-    if not np.issubdtype(iterations.dtype, np.number) or np.any(iterations < 0) \
-            or np.any(iterations != np.round(iterations)):
-        raise ObservationError(f"{source}: coordinate 'iteration' must hold non-negative integers, "
-                               f"got {iterations.tolist()}")
-    iterations = iterations.astype(np.int64)
-    order = np.argsort(iterations, kind="stable")
-    if len(np.unique(iterations)) != len(iterations):
-        raise ObservationError(f"{source}: coordinate 'iteration' has repeated values {iterations.tolist()}")
-
-    if PHENOTYPE in ds.data_vars:
-        obs = _from_phenotype_variable(ds, conditions, iterations, order, source)
+    try:
+        data = read_phenotypes(ds, source=source)
+    except ContractError as err:
+        raise ObservationError(str(err)) from err
+    if data.values is not None:
+        obs = from_phenotypes(data.conditions, data.iterations, data.values, source=source)
     else:
-        present = [v for v in SUMMARY_VARIABLES if v in ds.data_vars]
-        if not present:
-            raise ObservationError(
-                f"{source}: variable '{PHENOTYPE}' is missing (and so is the summary trio "
-                f"{', '.join(SUMMARY_VARIABLES)}); the fit needs per-image phenotypes '{PHENOTYPE}' "
-                "(condition, iteration, image) or the summary trio (condition, iteration)")
-        missing = [v for v in SUMMARY_VARIABLES if v not in ds.data_vars]
-        if missing:
-            raise ObservationError(f"{source}: variable '{missing[0]}' is missing; the summary-only form needs "
-                                   f"all of {', '.join(SUMMARY_VARIABLES)} over (condition, iteration)")
-        obs = _from_summary_variables(ds, conditions, iterations, order, source)
+        obs = from_summary(data.conditions, data.iterations, data.mean, data.std, data.num_images, ddof=data.ddof,
+                           source=source)
     _check_content(obs, source)
     return _note_iteration_zero(_drop_unfinished(obs))
-
-
-def _check_schema(ds, source: str) -> None:
-    version = ds.attrs.get("schema_version")
-    if version is None:
-        raise ObservationError(f"{source}: attribute 'schema_version' is missing; set "
-                               f"ds.attrs['schema_version'] = {SCHEMA_VERSION} (DESIGN.md, the results contract)")
-    try:
-        value = np.asarray(version).item()
-        ok = float(value) == SCHEMA_VERSION
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ObservationError(f"{source}: attribute 'schema_version' is {version!r}; this version of qtm fit "
-                               f"reads schema_version {SCHEMA_VERSION}")
-
-
-def _ordered(da, dims: tuple[str, ...], source: str, name: str) -> np.ndarray:
-    missing = [d for d in dims if d not in da.dims]
-    extra = [d for d in da.dims if d not in dims]
-    if missing or extra:
-        raise ObservationError(f"{source}: variable '{name}' has dimensions {tuple(da.dims)}; expected "
-                               f"{dims}")
-    try:
-        values = np.asarray(da.transpose(*dims).values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ObservationError(f"{source}: variable '{name}' is not numeric ({da.dtype})") from exc
-    return values
-
-
-def _from_phenotype_variable(ds, conditions, iterations, order, source) -> Observations:
-    da = ds[PHENOTYPE]
-    if "image" not in da.dims and set(da.dims) == {"condition", "iteration"}:
-        raise ObservationError(f"{source}: variable '{PHENOTYPE}' has no 'image' dimension; per-image "
-                               "phenotypes are (condition, iteration, image), summaries go in "
-                               f"{', '.join(SUMMARY_VARIABLES)}")
-    x = _ordered(da, ("condition", "iteration", "image"), source, PHENOTYPE)[:, order]
-    if np.any(np.isinf(x)):
-        raise ObservationError(f"{source}: variable '{PHENOTYPE}' holds infinite values; use NaN for images "
-                               "not produced")
-    if np.any(x < 0):
-        c, k, i = np.argwhere(x < 0)[0]
-        raise ObservationError(f"{source}: variable '{PHENOTYPE}' holds negative phenotypes (e.g. "
-                               f"{x[c, k, i]:.4g} at condition '{conditions[c]}', iteration "
-                               f"{iterations[order][k]}, image {i}); the phenotype is a power fraction >= 0")
-    if not np.any(np.isfinite(x)):
-        raise ObservationError(f"{source}: variable '{PHENOTYPE}' holds only NaN (no image measured yet)")
-    return from_phenotypes(conditions, iterations[order], x, source=source)
-
-
-def _from_summary_variables(ds, conditions, iterations, order, source) -> Observations:
-    dims = ("condition", "iteration")
-    mean = _ordered(ds["hf_power_mean"], dims, source, "hf_power_mean")[:, order]
-    std = _ordered(ds["hf_power_std"], dims, source, "hf_power_std")[:, order]
-    num = _ordered(ds["num_images"], dims, source, "num_images")[:, order]
-    for name, values in (("hf_power_mean", mean), ("hf_power_std", std), ("num_images", num)):
-        if np.any(np.isinf(values)):
-            raise ObservationError(f"{source}: variable '{name}' holds infinite values; use NaN for "
-                                   "cells not produced")
-        if np.any(values < 0):
-            raise ObservationError(f"{source}: variable '{name}' holds negative values; it must be >= 0")
-    num0 = np.where(np.isfinite(num), num, 0.0)
-    if np.any(num0 != np.round(num0)):
-        raise ObservationError(f"{source}: variable 'num_images' must hold whole numbers of images")
-    have = num0 > 0
-    if not np.any(have & np.isfinite(mean)):
-        raise ObservationError(f"{source}: variable 'hf_power_mean' holds only NaN (or num_images is 0 "
-                               "everywhere)")
-    if np.any(have & ~np.isfinite(mean)):
-        raise ObservationError(f"{source}: variable 'hf_power_mean' is NaN where num_images > 0; set "
-                               "num_images to 0 for cells without data")
-    if np.any((num0 > 1) & ~np.isfinite(std)):
-        raise ObservationError(f"{source}: variable 'hf_power_std' is NaN where num_images > 1")
-    ddof = int(ds["hf_power_std"].attrs.get("ddof", 1))
-    if ddof not in (0, 1):
-        raise ObservationError(f"{source}: variable 'hf_power_std' has attribute ddof={ddof}; use 0 or 1")
-    return from_summary(conditions, iterations[order], mean, std, num0, ddof=ddof, source=source)
 
 
 def _check_content(obs: Observations, source: str) -> None:

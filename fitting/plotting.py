@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fitting.driver import FitResult
-from qtm.plotting import save_figure_atomic
+from qtmio.figures import figure, save_figure
 
 
 def plot_fit(result: FitResult, path: str | Path) -> Path:
@@ -22,16 +22,12 @@ def plot_fit_dataset(fit, path: str | Path) -> Path:
     parameter draws and the wider prediction band for the mean of n new images; a dashed line marks the
     last training iteration of a forecast. `fit` is the dataset of `fitting.results.to_dataset` (a fit.nc
     file opened with xarray). Written atomically (PNG, or any suffix matplotlib knows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     conditions = [str(c) for c in fit["condition"].values]
     num = len(conditions)
     cols = min(num, 3)
     rows = (num + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    fig = figure(figsize=(4.2 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     it = fit["iteration"].values
     mean = fit["observed_mean"].values
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -67,10 +63,7 @@ def plot_fit_dataset(fit, path: str | Path) -> Path:
     fig.suptitle(f"{fit.attrs.get('model', '')} selection, mutation {fit.attrs.get('mutation', '')}{drift} "
                  f"({fit.attrs.get('interval', '')})")
     fig.tight_layout()
-    try:
-        return save_figure_atomic(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def _clip_to_data(axes, mean: np.ndarray, se: np.ndarray, fitted: np.ndarray) -> None:

@@ -10,16 +10,17 @@ fit.nc (one xarray Dataset, dims `condition`, `iteration`, `parameter`, `free_pa
 - fitted_mean, fitted_var, mean_lower, mean_upper (parameter-uncertainty band), predict_lower,
   predict_upper (band for the mean of n new images), var_lower, var_upper (condition, iteration).
 - start_objective, start_status (start): the multi-start record.
-- attrs: provenance (source, qtm version, git revision, created_at, seed, the configuration),
-  information criteria, warnings (JSON), goodness of fit, forecast and model comparison (JSON strings).
+- attrs: fit_schema_version, provenance (qtmio.provenance: created_at, git revision, package versions, seed,
+  command; the source and the configuration), information criteria, warnings (JSON), goodness of fit,
+  forecast and model comparison (JSON strings).
+
+Also the fit as text: `render_tables` (rich, for the terminal) and `markdown_table` (for report.md).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +28,11 @@ import numpy as np
 
 from fitting.driver import FitResult
 from qtm.params import PARAM_NAMES
+from qtmio.contract import FIT_SCHEMA_VERSION
+from qtmio.netcdf import write_netcdf
+from qtmio.provenance import provenance
 
-FIT_SCHEMA_VERSION = 1
-
-
-def provenance() -> dict[str, str]:
-    """Package versions, git revision and creation time for dataset attrs."""
-    from importlib import metadata
-
-    out = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for package in ("qtm", "jax", "numpy", "scipy", "xarray"):
-        try:
-            out[f"version_{package}"] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[f"version_{package}"] = "unknown"
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        out["git_revision"] = rev.stdout.strip() if rev.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        out["git_revision"] = "unknown"
-    return out
+PACKAGES = ("qtm", "jax", "jaxlib", "numpy", "scipy", "xarray", "h5netcdf")
 
 
 def _finite_or_none(x: float) -> float | None | str:
@@ -143,12 +128,8 @@ def to_dataset(result: FitResult, *, seed: int | None = None, comparison: list[d
     attrs: dict[str, Any] = {"fit_schema_version": FIT_SCHEMA_VERSION, "source": result.observations.source,
                              "description": "qtm fit: qtm's moment recursion fitted to per-iteration phenotypes "
                                             "(MODEL.md section 6)"}
-    attrs.update(provenance())
+    attrs.update(provenance(PACKAGES, seed=seed, command=command))
     attrs.update(result.config.to_attrs())
-    if seed is not None:
-        attrs["seed"] = int(seed)
-    if command is not None:
-        attrs["command"] = command
     for key, value in result.information.items():
         attrs[f"information_{key}"] = float(value)
     attrs["warnings"] = json.dumps(list(result.warnings))
@@ -165,9 +146,7 @@ def write_fit(result: FitResult, path: str | Path, **kwargs) -> Path:
     """Write the fit dataset atomically (temp file in the same directory, then os.replace)."""
     ds = to_dataset(result, **kwargs)
     ds["start_status"] = ds["start_status"].astype(str)
-    from qtm.dataset import write_netcdf_atomic
-
-    return write_netcdf_atomic(ds, path)
+    return write_netcdf(ds, path)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -246,3 +225,24 @@ def render_tables(result: FitResult, console, *, comparison: list[dict] | None =
         console.print(cmp_table)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+
+
+def markdown_table(fit, name: str = "fit.nc") -> str:
+    """The free parameters of a fit dataset (`to_dataset`, or fit.nc read back) as a markdown section: one
+    row per condition and parameter with the estimate, the 95 % interval and whether it is identified, then
+    the fit's warnings. `name` is how the section refers to the fit."""
+    lines = [f"## Fitted selection per condition (`{name}`: {fit.attrs.get('model', '?')} selection, "
+             f"mutation {fit.attrs.get('mutation', '?')}, {fit.attrs.get('interval', '?')} 95 % intervals)", "",
+             "| condition | parameter | estimate | lower | upper | identified |", "|---|---|---:|---:|---:|---|"]
+    for c in fit["condition"].values:
+        for p in fit["parameter"].values:
+            if not bool(fit["free"].sel(condition=c, parameter=p)):
+                continue
+            v = [float(fit[k].sel(condition=c, parameter=p)) for k in ("estimate", "lower", "upper")]
+            ident = "yes" if bool(fit["identified"].sel(condition=c, parameter=p)) else "**no**"
+            lines.append(f"| {c} | {p} | " + " | ".join(f"{x:.4g}" if np.isfinite(x) else str(x) for x in v)
+                         + f" | {ident} |")
+    warnings = json.loads(fit.attrs.get("warnings", "[]"))
+    if warnings:
+        lines += ["", "Warnings of the fit:", ""] + [f"- {w}" for w in warnings]
+    return "\n".join(lines) + "\n"

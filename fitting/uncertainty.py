@@ -142,7 +142,7 @@ def laplace(problem: Problem, u_hat: np.ndarray, nll_hat: float) -> Uncertainty:
         else:
             spread = f"spans a factor of 10^{2 * Z95 * report_sd[i] / math.log(10):.1f}"
         warnings.append(f"{labels[i]} is not identified: its 95 % interval [{lower[i]:.3g}, {upper[i]:.3g}] "
-                        f"{spread} (flat likelihood; --interval profile gives a likelihood-based interval)")
+                        f"{spread} (flat likelihood; a profile interval is likelihood-based)")
     for i, delta, how in _zero_tests(problem, u_hat, nll_hat):
         identified[i] = False
         lower[i] = 0.0
@@ -224,7 +224,7 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
                 d = value - nll_hat
                 if d < -1e-3:
                     warnings.append(f"profile of {labels[i]} found a lower objective ({d:.3g}): the optimum "
-                                    "may be a local one (try more --starts)")
+                                    "may be a local one (try more starts)")
                 if d >= threshold:
                     bound = _refine_crossing(problem, i, nll_hat, threshold, (g_prev, d_prev), (g, d), w_prev)
                     break
@@ -287,10 +287,11 @@ def bootstrap(problem: Problem, obs: Observations, u_hat: np.ndarray, base: Unce
               num_samples: int, key: jax.Array, progress=None) -> Uncertainty:
     """Paired bootstrap over images (module docstring): percentile intervals of refits from u*."""
     if obs.phenotypes is None:
-        from fitting.observations import ObservationError
+        from fitting.errors import ObservationError
 
-        raise ObservationError(f"{obs.source}: --interval bootstrap needs the per-image variable 'hf_power'; "
-                               "this dataset holds only the summary trio (use laplace or profile)")
+        raise ObservationError(f"{obs.source}: {{interval}} bootstrap needs the per-image variable 'hf_power'; "
+                               "this dataset holds only the summary trio (use laplace or profile)",
+                               parameters=("interval",))
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
     num_images = obs.phenotypes.shape[-1]
     draws, failed = [], 0

@@ -7,7 +7,9 @@ Public API (imported lazily, so that `import qtm` alone, e.g. for the CLI helper
 - `step`, `trajectory`, `Trajectory`, `TraitState`, `theorem1_asymptotes`, `asymptotes`: the moment
   recursion (section 3).
 - `simulate_population`, `PopulationTrajectory`: the finite-population Monte Carlo (section 5).
-- `trajectory_dataset`, `population_dataset`, `write_netcdf_atomic`: results as xarray datasets.
+- `trajectory_dataset`, `population_dataset`: results as xarray datasets (written with
+  `qtmio.netcdf.write_netcdf`).
+- `QtmError`, `ParameterError`: the errors qtm raises on purpose (qtm.errors).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ _EXPORTS = {
     "PopulationTrajectory": "qtm.montecarlo",
     "trajectory_dataset": "qtm.dataset",
     "population_dataset": "qtm.dataset",
-    "write_netcdf_atomic": "qtm.dataset",
+    "QtmError": "qtm.errors",
+    "ParameterError": "qtm.errors",
 }
 
 __all__ = sorted(_EXPORTS)

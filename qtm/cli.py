@@ -1,12 +1,19 @@
-"""The `qtm` console script: a typed table of contents of the project's commands.
+"""The `qtm` console script: a typed table of contents of the project's commands (qtm.commands).
 
-Each command lives beside the library it drives; commands that need torch import it inside their body,
-so `qtm simulate` and `qtm fit` start without torch.
+Commands that need torch import it inside their body, so `qtm simulate` and `qtm fit` start without torch.
+`python -m qtm.cli` runs the same app (e.g. under `accelerate launch -m qtm.cli chain run ...`).
 """
 
 from __future__ import annotations
 
 import typer
+
+from qtm.commands.chain_run import run
+from qtm.commands.demo import demo
+from qtm.commands.fit import fit
+from qtm.commands.report import report
+from qtm.commands.simulate import simulate
+from qtm.commands.spectra import spectra
 
 app = typer.Typer(
     name="qtm",
@@ -27,23 +34,12 @@ def _main() -> None:
     jax.config.update("jax_enable_x64", True)
 
 
-def _register() -> None:
-    from chain.run_command import run
-    from chain.spectra_command import spectra
-    from fitting.fit_command import fit
-    from qtm.demo_command import demo
-    from qtm.report_command import report
-    from qtm.simulate_command import simulate
-
-    app.command("simulate")(simulate)
-    app.command("spectra")(spectra)
-    chain_app.command("run")(run)
-    app.command("fit")(fit)
-    app.command("report")(report)
-    app.command("demo")(demo)
-
-
-_register()
+app.command("simulate")(simulate)
+app.command("spectra")(spectra)
+chain_app.command("run")(run)
+app.command("fit")(fit)
+app.command("report")(report)
+app.command("demo")(demo)
 
 if __name__ == "__main__":  # `python -m qtm.cli ...`, e.g. under `accelerate launch -m qtm.cli`
     app()

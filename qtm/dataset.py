@@ -1,29 +1,24 @@
-"""Trajectories as self-describing xarray Datasets, and their atomic netCDF write.
+"""Trajectories as self-describing xarray Datasets (written with qtmio.netcdf.write_netcdf).
 
 Dimensions: `iteration` (coordinate 0..K) and, for the Monte Carlo, `replicate`. Data variables:
 `mean`, `var_genetic`, `var_phenotype`, `heritability`, `selection_differential`, `response` (each with a
 `long_name` and a `definition`). Dataset attrs: the parameters (one attr per `TraitParams` field),
-`model`, the provenance (`created_at`, package versions, and `seed`, `population`, `replicates`,
-`command` where given) and `schema_version`.
+`model`, the provenance (qtmio.provenance: `created_at`, `git_revision`, package versions, and `seed`,
+`population`, `replicates`, `command` where given) and `schema_version`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import importlib.metadata
-import os
-import uuid
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from qtm.params import TraitParams
-
-SCHEMA_VERSION = 1
+from qtmio import provenance as _provenance
+from qtmio.contract import SCHEMA_VERSION
+from qtmio.netcdf import netcdf_attrs
 
 VARIABLE_ATTRS: dict[str, dict[str, str]] = {
     "mean": {"long_name": "phenotype mean", "definition": "mu_t (MODEL.md section 3)"},
@@ -38,23 +33,12 @@ VARIABLE_ATTRS: dict[str, dict[str, str]] = {
                  "definition": "mean[t+1] - mean[t] (= h2_t S_t in the recursion, Eq. 6)"},
 }
 
-_PACKAGES = ("qtm", "jax", "jaxlib", "numpy", "scipy", "xarray", "h5netcdf")
+PACKAGES = ("qtm", "jax", "jaxlib", "numpy", "scipy", "xarray", "h5netcdf")
 
 
 def provenance(*, seed: int | None = None, command: str | None = None, **extra: Any) -> dict[str, Any]:
-    """Provenance attrs: creation time (UTC, ISO 8601), installed package versions, seed and command."""
-    attrs: dict[str, Any] = {"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    for name in _PACKAGES:
-        try:
-            attrs[f"version_{name}"] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            attrs[f"version_{name}"] = "not installed"
-    if seed is not None:
-        attrs["seed"] = int(seed)
-    if command is not None:
-        attrs["command"] = command
-    attrs.update(extra)
-    return attrs
+    """Provenance attrs of a trajectory (qtmio.provenance with the theory's packages)."""
+    return _provenance.provenance(PACKAGES, seed=seed, command=command, **extra)
 
 
 def _heritability(params: TraitParams, var_genetic: np.ndarray) -> np.ndarray:
@@ -68,23 +52,7 @@ def _attrs(params: TraitParams, model: str, extra: Mapping[str, Any] | None) -> 
     attrs: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "model": model}
     attrs.update(params.to_dict())
     attrs.update(provenance() if extra is None else extra)
-    return _netcdf_safe(attrs)
-
-
-def _netcdf_safe(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """netCDF attrs hold strings and numbers only: bools become 0/1, None becomes '', others str()."""
-    out: dict[str, Any] = {}
-    for key, value in attrs.items():
-        if isinstance(value, bool):
-            value = int(value)
-        elif value is None:
-            value = ""
-        elif isinstance(value, np.generic):
-            value = value.item()
-        elif not isinstance(value, (str, int, float)):
-            value = str(value)
-        out[key] = value
-    return out
+    return netcdf_attrs(attrs)
 
 
 def trajectory_dataset(params: TraitParams, trajectory: Any, *,
@@ -145,28 +113,3 @@ def params_from_attrs(attrs: Mapping[str, Any]) -> TraitParams:
     fields = {name: float(attrs[name]) for name in ("r1", "r2", "tail_rate", "sigma_mut", "mu0", "sigma_g0",
                                                     "sigma_env")}
     return TraitParams(**fields, mutation_mode=str(attrs.get("mutation_mode", "paper")))
-
-
-@contextlib.contextmanager
-def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary path beside `path` (same suffix); on success it replaces `path` (os.replace),
-    on error it is removed; missing parent directories are created. Ordinary permissions (umask), unlike
-    tempfile.mkstemp's 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_netcdf_atomic(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write `ds` to netCDF4/HDF5 (h5netcdf engine) atomically: a temporary file in the same directory,
-    then `os.replace`, so readers never see a half-written file. Creates missing parent directories."""
-    path = Path(path)
-    with atomic_write_path(path) as tmp:
-        ds.to_netcdf(tmp, engine="h5netcdf")
-    return path
-

@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 
+from qtm.errors import ParameterError
+
 MUTATION_MODES = ("paper", "additive")
 """`paper`: Eq. 16, mutation only lowers the heritability h2 = V_G / (V_P + V_M).
 `additive`: mutation adds V_M to the next genetic variance, V_G,t+1 = V_P,t v_sel + V_M (MODEL.md section 3)."""
@@ -50,34 +52,38 @@ class TraitParams:
     mutation_mode: str = "paper"
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field and the fix (for concrete Python floats)."""
+        """Raise ParameterError (a ValueError) naming the first invalid field and the fix (for concrete Python
+        floats). Messages name the fields in braces (qtmio.errors), so a shell can show its flags instead."""
         if self.mutation_mode not in MUTATION_MODES:
-            raise ValueError(
-                f"mutation_mode must be one of {', '.join(MUTATION_MODES)}; got {self.mutation_mode!r}")
+            raise ParameterError(f"{{mutation_mode}} must be one of {', '.join(MUTATION_MODES)}; got "
+                                 f"{self.mutation_mode!r}", parameters=("mutation_mode",))
         values = {name: getattr(self, name) for name in PARAM_NAMES}
         for name, value in values.items():
             try:
                 values[name] = float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"{name} must be a number; got {value!r}") from None
+                raise ParameterError(f"{{{name}}} must be a number; got {value!r}", parameters=(name,)) from None
             if math.isnan(values[name]):
-                raise ValueError(f"{name} must be a number; got NaN")
+                raise ParameterError(f"{{{name}}} must be a number; got NaN", parameters=(name,))
         for name in ("r1", "r2"):
             if not 0.0 <= values[name] < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1); got {values[name]}")
+                raise ParameterError(f"{{{name}}} must lie in [0, 1); got {values[name]}", parameters=(name,))
         if values["r1"] + values["r2"] >= 1.0:
-            raise ValueError(
-                f"r1 + r2 must be < 1 (some individuals must be selected); got {values['r1']} + "
-                f"{values['r2']} = {values['r1'] + values['r2']}")
+            raise ParameterError(
+                f"{{r1}} + {{r2}} must be < 1 (some individuals must be selected); got {values['r1']} + "
+                f"{values['r2']} = {values['r1'] + values['r2']}", parameters=("r1", "r2"))
         if not values["tail_rate"] > 0.0:
-            raise ValueError(f"tail_rate must be > 0 (inf = hard truncation); got {values['tail_rate']}")
+            raise ParameterError(f"{{tail_rate}} must be > 0 (inf = hard truncation); got {values['tail_rate']}",
+                                 parameters=("tail_rate",))
         for name in ("sigma_mut", "sigma_g0", "sigma_env"):
             if not (values[name] >= 0.0 and math.isfinite(values[name])):
-                raise ValueError(f"{name} must be a finite standard deviation >= 0; got {values[name]}")
+                raise ParameterError(f"{{{name}}} must be a finite standard deviation >= 0; got {values[name]}",
+                                     parameters=(name,))
         if not math.isfinite(values["mu0"]):
-            raise ValueError(f"mu0 must be finite; got {values['mu0']}")
+            raise ParameterError(f"{{mu0}} must be finite; got {values['mu0']}", parameters=("mu0",))
         if values["sigma_g0"] == 0.0 and values["sigma_env"] == 0.0:
-            raise ValueError("sigma_g0 and sigma_env are both 0: the phenotypic variance must be > 0")
+            raise ParameterError("{sigma_g0} and {sigma_env} are both 0: the phenotypic variance must be > 0",
+                                 parameters=("sigma_g0", "sigma_env"))
 
     def to_dict(self) -> dict[str, float | str]:
         """Plain-Python dict of all fields (for dataset attrs and JSON)."""

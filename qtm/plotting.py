@@ -1,4 +1,4 @@
-"""Plots of trajectories (matplotlib, Agg backend, no pyplot state); files written atomically."""
+"""Plots of trajectories (qtmio.figures: no pyplot state, files written atomically)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
+from qtmio.figures import figure, save_figure
 
 
 def plot_trajectory(ds: xr.Dataset, path: str | os.PathLike, *, reference: xr.Dataset | None = None,
@@ -17,12 +19,9 @@ def plot_trajectory(ds: xr.Dataset, path: str | os.PathLike, *, reference: xr.Da
     `band` quantiles over replicates; `reference` (a deterministic trajectory dataset) is overlaid dashed.
     The image format follows the suffix of `path` (png, pdf, svg, ...).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(figsize=(9.0, 3.6), layout="constrained")
     ax_mean, ax_var = fig.subplots(1, 2)
     it = ds["iteration"].values
     panels = [(ax_mean, [("mean", "mean", "C0")]),
@@ -50,7 +49,7 @@ def plot_trajectory(ds: xr.Dataset, path: str | os.PathLike, *, reference: xr.Da
     title = _title(ds)
     if title:
         fig.suptitle(title, fontsize=9)
-    return save_figure_atomic(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def _title(ds: xr.Dataset) -> str:
@@ -66,14 +65,3 @@ def _title(ds: xr.Dataset) -> str:
     if "population" in attrs:
         parts.append(f"N={attrs['population']}")
     return ", ".join(parts)
-
-
-def save_figure_atomic(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically (format from the suffix; PNG when there is none)."""
-    from qtm.dataset import atomic_write_path
-
-    path = Path(path)
-    suffix = path.suffix or ".png"
-    with atomic_write_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=suffix.lstrip("."))
-    return path

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chain.atomic import write_bytes_atomic
+from qtmio.atomic import write_bytes_atomic
 
 __all__ = [
     "COLOURS",

@@ -102,7 +102,7 @@ def save_toy_encoder(net: ToyEncoderNet, out_dir: str | os.PathLike, meta: dict 
     """Write ``model.safetensors`` and ``config.json`` (architecture, label names, training metadata)."""
     from safetensors.torch import save_file
 
-    from chain.atomic import write_bytes_atomic, write_text_atomic
+    from qtmio.atomic import write_bytes_atomic, write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,7 @@ def pretrain(out_dir: Path, cfg: PretrainConfig, *, checkpoint: Path, resolution
                 "model": dataclasses.asdict(mcfg),
                 "unet_parameters": sum(p.numel() for p in unet.parameters()),
                 "text_encoder_parameters": sum(p.numel() for p in te.parameters())}
-        from chain.atomic import write_text_atomic
+        from qtmio.atomic import write_text_atomic
         write_text_atomic(out_dir / "training.json", json.dumps(meta, indent=2) + "\n")
         # A small grid to look at.
         rng = np.random.default_rng(1234)

@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from chain.atomic import write_text_atomic
 from chain.toy.dataset import COLOURS, SHAPES, TEXTURES
+from qtmio.atomic import write_text_atomic
 
 __all__ = ["MODEL_MAX_LENGTH", "toy_words", "train_toy_tokenizer"]
 

@@ -127,7 +127,9 @@ def test_extract_features_batching_and_inputs():
     np.testing.assert_allclose(features[:, :3], expected, atol=1e-6)
     np.testing.assert_allclose(features[:, 3], expected[:, 0] * expected[:, 1], atol=1e-6)
     from_batches = extract_features(_MeanColour(), [images[:2], images[2:]], batch_size=4)
-    from_singles = extract_features(_MeanColour(), iter(list(images)), batch_size=4, progress=True)
+    seen = []
+    from_singles = extract_features(_MeanColour(), iter(list(images)), batch_size=4, on_batch=seen.append)
+    assert sum(seen) == len(images) and max(seen) <= 4
     np.testing.assert_array_equal(from_batches, features)
     np.testing.assert_array_equal(from_singles, features)
     assert extract_features(_MeanColour(), [], batch_size=2).shape == (0, 4)

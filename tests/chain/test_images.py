@@ -1,4 +1,4 @@
-"""chain.images: listing, decoding and atomic PNG writes, checked against PIL/numpy directly."""
+"""chain.images: decoding and PNG writes, checked against PIL/numpy directly (listing: tests/qtmio)."""
 
 from __future__ import annotations
 
@@ -7,41 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from chain.images import (
-    IMAGE_SUFFIXES,
-    ImageReadError,
-    atomic_write_path,
-    list_images,
-    load_image,
-    save_image,
-    to_uint8_pil,
-)
+from chain.errors import ImageReadError
+from chain.images import load_image, save_image, to_uint8_pil
 
 
 def _write(path, array, **kwargs):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, **kwargs)
     return path
-
-
-def test_list_images_recursive_sorted_and_filtered(tmp_path):
-    rgb = np.zeros((4, 4, 3), np.uint8)
-    _write(tmp_path / "b.png", rgb)
-    _write(tmp_path / "a" / "z.JPG", rgb)
-    _write(tmp_path / "a" / "y.webp", rgb)
-    _write(tmp_path / "c" / "d" / "x.jpeg", rgb)
-    (tmp_path / "notes.txt").write_text("not an image")
-    (tmp_path / "a" / "y.txt").write_text("caption")
-    _write(tmp_path / ".hidden" / "h.png", rgb)
-    _write(tmp_path / ".h.png", rgb)
-    found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
-    assert found == ["a/y.webp", "a/z.JPG", "b.png", "c/d/x.jpeg"]
-    assert set(IMAGE_SUFFIXES) == {".png", ".jpg", ".jpeg", ".webp"}
-
-
-def test_list_images_missing_folder(tmp_path):
-    with pytest.raises(NotADirectoryError, match="missing"):
-        list_images(tmp_path / "missing")
 
 
 def test_load_image_exact_values_and_layout(tmp_path):
@@ -103,23 +76,3 @@ def test_to_uint8_pil_clamps_and_rounds():
     np.testing.assert_array_equal(np.asarray(pil)[0, :, 0], [0, 0, 2, 255])  # round half to even at 0.5
     with pytest.raises(ValueError, match="shape"):
         to_uint8_pil(torch.zeros(4, 2, 2))
-
-
-def test_atomic_write_path_replaces_or_leaves_the_old_file(tmp_path):
-    import os
-    import stat
-
-    target = tmp_path / "data.nc"
-    target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_write_path(target) as tmp:
-            tmp.write_text("half written")
-            raise RuntimeError("interrupted")
-    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["data.nc"]
-    with atomic_write_path(target) as tmp:
-        assert tmp.parent == tmp_path and tmp.suffix == ".nc"
-        tmp.write_text("new")
-    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["data.nc"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask

@@ -13,14 +13,14 @@ import pytest
 from tests.chain.fixtures import make_captioned_folder, tiny_config_dict  # noqa: E402
 
 from chain.config import config_from_dict, config_to_toml  # noqa: E402
-from chain.store import read_metrics  # noqa: E402
+from qtmio.netcdf import read_netcdf  # noqa: E402
 
 SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 from chain.config import load_config
 from chain.run import run_chain
-run_chain(load_config(sys.argv[1]), sys.argv[2], progress=False)
+run_chain(load_config(sys.argv[1]), sys.argv[2])
 """
 
 
@@ -43,7 +43,7 @@ def test_two_processes_match_one(tmp_path):
     two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script), str(config),
                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = read_metrics(tmp_path / "one" / "metrics.nc"), read_metrics(tmp_path / "two" / "metrics.nc")
+    a, b = read_netcdf(tmp_path / "one" / "metrics.nc"), read_netcdf(tmp_path / "two" / "metrics.nc")
     assert np.all(b.completed.values == 1)
     for name in ("hf_power", "radial_psd", "train_loss", "guidance_diff_norm"):
         np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-3, atol=1e-4, err_msg=name)

@@ -3,7 +3,6 @@
 blur lowers every image's high-frequency fraction), and bad inputs failing before any training."""
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,11 @@ from tests.chain.fixtures import make_captioned_folder, tiny_config  # noqa: E40
 
 from chain.config import load_config  # noqa: E402
 from chain.data import DatasetError  # noqa: E402
-from chain.images import list_images, load_image  # noqa: E402
+from chain.images import load_image  # noqa: E402
+from qtmio.images import list_images  # noqa: E402
 from chain.models import weights_digest  # noqa: E402
 from chain.run import DiffusionStages, IterationResult, RunError, resolve_base_model, run_chain  # noqa: E402
-from chain.store import read_metrics  # noqa: E402
+from qtmio.netcdf import read_netcdf  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.toml"
 CONTRACT_VARS = ("cfg_scale", "cfg_schedule", "condition_drop", "hf_power", "radial_psd", "angular_psd",
@@ -49,7 +49,7 @@ def uninterrupted(example_config, tmp_path_factory):
 def test_end_to_end_contract(uninterrupted):
     out, output = uninterrupted
     assert '"conditions": ["cfg7.5", "redifine"]' in output
-    ds = read_metrics(out / "metrics.nc")
+    ds = read_netcdf(out / "metrics.nc")
     for name in CONTRACT_VARS:
         assert name in ds
     assert list(ds.condition.values) == ["cfg7.5", "redifine"]
@@ -101,8 +101,8 @@ def test_resume_after_interruption_gives_equal_metrics(example_config, uninterru
         raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        run_chain(cfg, out, progress=False, after_cell=kill_after_first)
-    partial = read_metrics(out / "metrics.nc")
+        run_chain(cfg, out, after_cell=kill_after_first)
+    partial = read_netcdf(out / "metrics.nc")
     assert partial.completed.sel(condition="cfg7.5").values.tolist() == [1, 1, 0]
     assert np.all(np.isnan(partial.hf_power.sel(condition="cfg7.5", iteration=2)))
 
@@ -120,15 +120,15 @@ def test_resume_after_interruption_gives_equal_metrics(example_config, uninterru
         jobs.append((job.condition.name, job.iteration))
         return result
 
-    run_chain(cfg, out, progress=False, stages=stage)
+    run_chain(cfg, out, stages=stage)
     assert jobs == [("cfg7.5", 2), ("redifine", 1), ("redifine", 2)]  # finished cells are not redone
     assert all(b == a == digests[0][0] for b, a in digests)
 
-    resumed, full = read_metrics(out / "metrics.nc"), read_metrics(full_out / "metrics.nc")
+    resumed, full = read_netcdf(out / "metrics.nc"), read_netcdf(full_out / "metrics.nc")
     for name in ("hf_power", "radial_psd", "angular_psd", "train_loss", "guidance_diff_norm", "latent_histogram"):
         np.testing.assert_array_equal(resumed[name].values, full[name].values, err_msg=name)
     # a rerun of a finished run does nothing and changes nothing
-    again = run_chain(cfg, out, progress=False, stages=lambda job: pytest.fail("nothing left to do"))
+    again = run_chain(cfg, out, stages=lambda job: pytest.fail("nothing left to do"))
     xr.testing.assert_identical(again, resumed)
 
 
@@ -151,7 +151,7 @@ def test_blurring_stand_in_lowers_the_phenotype_every_iteration(tmp_path):
         assert job.train_images.shape == (4, 3, 32, 32) and len(job.prompts) == 4
         return IterationResult(images=_gaussian_blur(job.train_images))
 
-    ds = run_chain(cfg, tmp_path / "out", progress=False, stages=blur_stage)
+    ds = run_chain(cfg, tmp_path / "out", stages=blur_stage)
     assert calls == [1, 2, 3]
     hf = ds.hf_power.sel(condition="blur").values  # (iteration, image)
     assert np.all(np.diff(hf, axis=0) < 0), hf  # every image, every iteration
@@ -164,7 +164,7 @@ def test_bad_dataset_fails_before_training(tmp_path):
     (data / "img_02.png").write_bytes(b"garbage")
     cfg = tiny_config(data)
     with pytest.raises(DatasetError) as info:
-        run_chain(cfg, tmp_path / "out", progress=False, stages=lambda job: pytest.fail("trained on bad data"))
+        run_chain(cfg, tmp_path / "out", stages=lambda job: pytest.fail("trained on bad data"))
     assert "img_01.txt" in str(info.value) and "img_02.png" in str(info.value)
     assert not (tmp_path / "out" / "metrics.nc").exists() and not (tmp_path / "out" / "config.toml").exists()
 
@@ -185,10 +185,10 @@ def test_cli_errors_name_the_problem(tmp_path, example_config):
     # a folder of another run is refused
     cfg_a = tiny_config(make_captioned_folder(tmp_path / "d", num_images=2), num_iterations=1,
                         conditions=[{"name": "a", "scale": 1.0}])
-    run_chain(cfg_a, tmp_path / "run", progress=False, stages=lambda job: IterationResult(images=job.train_images))
+    run_chain(cfg_a, tmp_path / "run", stages=lambda job: IterationResult(images=job.train_images))
     cfg_b = tiny_config(tmp_path / "d", num_iterations=2, conditions=[{"name": "a", "scale": 1.0}])
     with pytest.raises(RunError, match="config.toml"):
-        run_chain(cfg_b, tmp_path / "run", progress=False, stages=lambda job: IterationResult(images=job.train_images))
+        run_chain(cfg_b, tmp_path / "run", stages=lambda job: IterationResult(images=job.train_images))
 
 
 def test_resume_refuses_changed_original_images(tmp_path):
@@ -197,14 +197,14 @@ def test_resume_refuses_changed_original_images(tmp_path):
     cfg = tiny_config(data, num_iterations=2, conditions=[{"name": "a", "scale": 1.0}])
     copy_stage = lambda job: IterationResult(images=job.train_images)  # noqa: E731
     with pytest.raises(_Interrupt):
-        run_chain(cfg, tmp_path / "out", progress=False, stages=copy_stage, after_cell=_stop_after_first)
-    before = read_metrics(tmp_path / "out" / "metrics.nc").hf_power.values.copy()
+        run_chain(cfg, tmp_path / "out", stages=copy_stage, after_cell=_stop_after_first)
+    before = read_netcdf(tmp_path / "out" / "metrics.nc").hf_power.values.copy()
     make_captioned_folder(tmp_path / "more", num_images=4, size=32, seed=1)
     for name in ("img_03.png", "img_03.txt"):
         (tmp_path / "data" / name).write_bytes((tmp_path / "more" / name).read_bytes())
     with pytest.raises(RunError, match="original images changed"):
-        run_chain(cfg, tmp_path / "out", progress=False, stages=copy_stage)
-    np.testing.assert_array_equal(read_metrics(tmp_path / "out" / "metrics.nc").hf_power.values, before)
+        run_chain(cfg, tmp_path / "out", stages=copy_stage)
+    np.testing.assert_array_equal(read_netcdf(tmp_path / "out" / "metrics.nc").hf_power.values, before)
 
 
 def _stop_after_first(condition, iteration):
@@ -214,7 +214,7 @@ def _stop_after_first(condition, iteration):
 
 def test_constant_images_do_not_blank_the_mean_spectra():
     """One constant image has an undefined phenotype (no AC energy): NaN for it, the others' spectra stay."""
-    from chain.run import measure
+    from chain.measure import measure
 
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     images[1] = 0.5

@@ -321,9 +321,10 @@ def test_measure_folder_streams_and_skips_bad_files(tmp_path):
         Image.fromarray(array).save(tmp_path / name)
     data = (tmp_path / "a.png").read_bytes()
     (tmp_path / "broken.png").write_bytes(data[: len(data) // 3])
-    errors = []
-    ds = measure_folder(tmp_path, batch_size=2, progress=False, num_workers=2,
-                        on_error=lambda path, reason: errors.append(path.name))
+    errors, progress = [], []
+    ds = measure_folder(tmp_path, batch_size=2, num_workers=2,
+                        on_error=lambda path, reason: errors.append(path.name), on_progress=progress.append)
+    assert progress == [2, 2, 1]  # every batch reported, the unreadable file included
     assert list(ds["path"].values) == ["a.png", "d.png", "sub/b.png", "sub/deeper/c.png"]
     assert ds.attrs["num_failed"] == 1 and errors == ["broken.png"]
     assert json.loads(ds.attrs["failed"])[0]["path"] == "broken.png"
@@ -348,7 +349,7 @@ def test_measure_folder_radial_axis_follows_the_most_common_size(tmp_path):
     Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "0-small.png")
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i + 1}.png")
-    ds = measure_folder(tmp_path, batch_size=8, progress=False)
+    ds = measure_folder(tmp_path, batch_size=8)
     assert list(ds["path"].values)[0] == "0-small.png"
     np.testing.assert_allclose(ds["frequency"].values, radial_frequencies(20, 20))
     assert np.isnan(ds["radial_psd"].values[0]).all() and np.isfinite(ds["radial_psd"].values[1:]).all()
@@ -374,7 +375,7 @@ def test_measure_folder_streams_with_bounded_lookahead(tmp_path, monkeypatch):
 
     monkeypatch.setattr(spectra_module, "_load_prepared", counting_load)
     monkeypatch.setattr(spectra_module, "measure_spectra", recording_measure)
-    ds = measure_folder(tmp_path, batch_size=2, progress=False, num_workers=1)
+    ds = measure_folder(tmp_path, batch_size=2, num_workers=1)
     assert ds.sizes["image"] == 24 and len(loads) == 24
     # never more than 3 batches decoded ahead of the batch being measured
     measured = 0
@@ -391,7 +392,7 @@ def test_measure_folder_mixes_8_and_16_bit_files(tmp_path):
     Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(tmp_path / "b.png")
     big = rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)
     Image.fromarray(big).save(tmp_path / "c.png")
-    ds = measure_folder(tmp_path, progress=False)
+    ds = measure_folder(tmp_path)
     for i, name in enumerate(["a.png", "b.png", "c.png"]):
         image = prepare_for_spectrum(load_image(tmp_path / name).double())
         expected = measure_spectra(image[None], dtype=torch.float64).numpy()

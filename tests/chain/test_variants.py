@@ -1,8 +1,6 @@
 """The paper's variants as config: images per prompt, iteration accumulation, real-image mixing, continual
 finetuning; and a pixel-space chain with the real stages plus feature and CLIP metrics."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +9,8 @@ import torch
 from tests.chain.fixtures import make_captioned_folder, tiny_config_dict  # noqa: E402
 
 from chain.config import config_from_dict  # noqa: E402
-from chain.images import list_images, load_image  # noqa: E402
+from chain.images import load_image  # noqa: E402
+from qtmio.images import list_images  # noqa: E402
 from chain.run import IterationResult, run_chain  # noqa: E402
 
 
@@ -37,7 +36,7 @@ def test_training_sets(tmp_path, window, mix):
         images = torch.stack([torch.full((3, 16, 16), _value(job.iteration, i // ipp, i % ipp)) for i in range(n * ipp)])
         return IterationResult(images=images)
 
-    ds = run_chain(cfg, tmp_path / "out", progress=False, stages=stage)
+    ds = run_chain(cfg, tmp_path / "out", stages=stage)
     assert ds.sizes["image"] == n * ipp
     assert np.all(np.isnan(ds.hf_power.sel(iteration=0).values[0, n:]))  # D_0 has n images only
     assert ds.image_prompt.values.tolist() == [0, 0, 1, 1, 2, 2]
@@ -97,7 +96,7 @@ def test_pixel_space_chain_with_metrics(tmp_path):
     d["sampling"]["images_per_prompt"] = 1
     d["metrics"] = {"clip_model": str(clip_dir), "recall_k": 2}
     cfg = config_from_dict(d)
-    ds = run_chain(cfg, tmp_path / "out", progress=False, encoder=PoolEncoder())
+    ds = run_chain(cfg, tmp_path / "out", encoder=PoolEncoder())
     assert not (tmp_path / "out" / "base_model" / "vae").exists()
     assert np.all(np.isfinite(ds.hf_power.values))
     for name in ("fd_dinov2", "recall", "sfd", "clip_score"):

@@ -122,6 +122,6 @@ def test_all_unreadable_fails(tmp_path):
 
 
 def test_importing_the_command_does_not_import_torch():
-    code = "import sys, chain.spectra_command; print('torch' in sys.modules)"
+    code = "import sys, qtm.commands.spectra; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

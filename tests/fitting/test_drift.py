@@ -153,14 +153,19 @@ def test_too_few_selected_individuals_is_outside_the_domain():
     assert np.isfinite(drift.nll(to_unconstrained(table, drift)))
 
 
-def test_spec_errors_name_the_flag():
+def test_spec_errors_name_the_field():
     obs = from_phenotypes(["a"], np.arange(3), 0.3 + 0.05 * np.random.default_rng(0).standard_normal((1, 3, 50)))
-    for spec, text in ((ModelSpec(drift=True, selection="soft"), "--drift supports --model hard"),
-                       (ModelSpec(drift=True, objective="least-squares"), "--objective likelihood"),
-                       (ModelSpec(population=100), "add --drift"),
-                       (ModelSpec(drift=True, population=20), "--population 20 is smaller")):
-        with pytest.raises(ModelError, match=text):
+    flags = {"drift": "--drift", "selection": "--model", "objective": "--objective", "population": "--population"}
+    for spec, text, cli in ((ModelSpec(drift=True, selection="soft"), "drift supports selection hard",
+                             "--drift supports --model hard"),
+                            (ModelSpec(drift=True, objective="least-squares"), "objective likelihood",
+                             "--objective likelihood"),
+                            (ModelSpec(population=100), "add drift", "add --drift"),
+                            (ModelSpec(drift=True, population=20), "population 20 is smaller",
+                             "--population 20 is smaller")):
+        with pytest.raises(ModelError, match=text) as info:
             build_problem(obs, spec)
+        assert cli in info.value.message(flags)
 
 
 runner = CliRunner()

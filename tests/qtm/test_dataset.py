@@ -1,4 +1,4 @@
-"""Trajectory datasets (dims, variables, attrs) and the atomic netCDF write."""
+"""Trajectory datasets (dims, variables, attrs) written and read back."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from qtm.dataset import (params_from_attrs, population_dataset, provenance, trajectory_dataset,
-                         write_netcdf_atomic)
+from qtm.dataset import params_from_attrs, population_dataset, provenance, trajectory_dataset
 from qtm.montecarlo import simulate_population
 from qtm.params import TraitParams
 from qtm.recursion import trajectory
+from qtmio.netcdf import write_netcdf
 
 NAMES = ("mean", "var_genetic", "var_phenotype", "heritability", "selection_differential", "response")
 
@@ -23,11 +23,11 @@ def test_trajectory_dataset_roundtrip(tmp_path):
     ds = trajectory_dataset(p, trajectory(p, 5), attrs=provenance(seed=None, command="qtm simulate x"))
     assert dict(ds.sizes) == {"iteration": 6} and set(NAMES) <= set(ds.data_vars)
     np.testing.assert_array_equal(ds["iteration"].values, np.arange(6))
-    path = write_netcdf_atomic(ds, tmp_path / "a" / "t.nc")
+    path = write_netcdf(ds, tmp_path / "a" / "t.nc")
     back = xr.open_dataset(path, engine="h5netcdf")
     xr.testing.assert_identical(back.load(), ds)
     assert params_from_attrs(back.attrs) == p
-    for key in ("created_at", "version_jax", "version_xarray", "command", "schema_version"):
+    for key in ("created_at", "git_revision", "version_jax", "version_xarray", "command", "schema_version"):
         assert key in back.attrs
     assert all(back[name].attrs["long_name"] for name in NAMES)
     back.close()
@@ -46,15 +46,3 @@ def test_population_dataset_heritability_and_nan_tail():
     assert np.all(np.isnan(ds["response"].values[:, -1]))
     np.testing.assert_allclose(ds["response"].values[:, :-1], np.diff(ds["mean"].values, axis=1), rtol=1e-12)
     assert ds.attrs["seed"] == 0 and ds.attrs["flag"] == 1 and math.isinf(ds.attrs["tail_rate"])
-
-
-def test_failed_write_keeps_the_old_file(tmp_path):
-    p = TraitParams()
-    good = trajectory_dataset(p, trajectory(p, 2))
-    path = write_netcdf_atomic(good, tmp_path / "t.nc")
-    before = path.read_bytes()
-    bad = good.assign_attrs(unstorable={"a": 1})  # netCDF cannot store a dict attribute
-    with pytest.raises(Exception):
-        write_netcdf_atomic(bad, path)
-    assert path.read_bytes() == before
-    assert [f.name for f in tmp_path.iterdir()] == ["t.nc"]

@@ -18,7 +18,10 @@ from typing import Annotated
 
 import typer
 
-from qtm.cli_common import fail, print_json
+from qtm.commands.common import JsonFlag, console, fail, print_json, progress_bars, reported
+
+FLAGS = {"out_dir": "--out"}
+"""run_chain's arguments -> this command's flags."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +79,15 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
     from rich.console import Console
 
     from chain.config import config_to_toml
-    from chain.run import RunError, run_chain
+    from chain.errors import RunError
+    from chain.run import run_chain
     from chain.toy import load_toy_encoder, make_toy_dataset
     from fitting.driver import FitConfig, fit_observations
     from fitting.model import ModelSpec
     from fitting.observations import load_observations
     from fitting.results import write_fit
-    from qtm.report_command import build_report
+    from qtm.commands.report import build_report
+    from qtmio.contract import FIT_FILE, METRICS_FILE
 
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -90,32 +95,34 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
     data_dir = out / "data"
     config = demo_config(data_dir, settings, seed=seed)
     previous = out / "config.toml"
-    if (out / "metrics.nc").exists() and previous.is_file() and previous.read_text() != config_to_toml(config):
+    if (out / METRICS_FILE).exists() and previous.is_file() and previous.read_text() != config_to_toml(config):
         # checked before D_0 is touched, so another run's images are never rewritten
-        raise RunError(f"{previous} holds a different configuration: this folder belongs to another run")
+        raise RunError(f"{previous} holds a different configuration: this folder belongs to another run "
+                       "(a run folder from another demo size? use a new {out_dir})", parameters=("out_dir",))
     # D_0 is a pure function of the seed: (re)write it unless exactly the expected image/caption pairs are
     # there (a demo killed while writing it leaves a partial folder; rewriting gives the same bytes).
     pngs = sorted(data_dir.glob("*.png"))
     if len(pngs) != settings.num_images or not all(p.with_suffix(".txt").is_file() for p in pngs):
         make_toy_dataset(data_dir, num_images=settings.num_images, seed=seed, resolution=32, distribution="d0")
-    run_chain(config, out, progress=progress, encoder=load_toy_encoder())
+    with progress_bars(enabled=progress) as bars:
+        run_chain(config, out, progress=bars, encoder=load_toy_encoder())
     seconds["chain"] = time.perf_counter() - t0
 
-    console = Console(stderr=True, quiet=not progress)
+    status = Console(stderr=True, quiet=not progress).status
     t1 = time.perf_counter()
-    with console.status("qtm fit: selection per condition from the measured phenotypes"):
+    with status("qtm fit: selection per condition from the measured phenotypes"):
         # Every generated image is measured and is the next iteration's training set: the chain's own
         # finite-population drift belongs in the likelihood (fitting.drift).
         config_fit = FitConfig(spec=ModelSpec(drift=True))
         result = fit_observations(load_observations(out), config_fit, key=jax.random.key(seed))
-        fit_path = write_fit(result, out / "fit.nc", seed=seed, command="qtm demo")
+        fit_path = write_fit(result, out / FIT_FILE, seed=seed, command="qtm demo")
     seconds["fit"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    with console.status("qtm report: figures and report.md"):
+    with status("qtm report: figures and report.md"):
         report = build_report(out, fit_path=fit_path)
     seconds["report"] = time.perf_counter() - t2
-    return {"run_dir": str(out), "metrics": str(out / "metrics.nc"), "fit": str(fit_path),
+    return {"run_dir": str(out), "metrics": str(out / METRICS_FILE), "fit": str(fit_path),
             "report": report["report"], "figures": report["figures"], "rows": report["rows"],
             "fit_warnings": list(result.warnings), "seconds": seconds}
 
@@ -124,35 +131,22 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Run folder (resumable).")] = Path("results/demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A smaller chain (smoke test, ~3 minutes).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of D_0, finetuning and sampling.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the written paths and the table as JSON.")] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """The whole loop on the embedded toy world: chain (low CFG, high CFG, ReDiFine), fit, report."""
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a directory")
     settings = DemoSettings.quick() if quick else DemoSettings()
-    from chain.config import ConfigError
-    from chain.data import DatasetError
-    from chain.models import ModelLoadError
-    from chain.run import RunError
-    from fitting.driver import FitError
-    from fitting.model import ModelError
-    from fitting.observations import ObservationError
-
-    try:
-        result = run_demo(out, settings, seed=seed, progress=not as_json)
-    except (ConfigError, RunError) as err:
-        fail(f"{err} (a run folder from another demo size? use a new --out)")
-    except (DatasetError, ModelLoadError, ObservationError, ModelError, FitError) as err:
-        fail(str(err))
-    if as_json:
+    with reported(FLAGS):
+        result = run_demo(out, settings, seed=seed, progress=not json_output)
+    if json_output:
         print_json(result)
         return
-    from rich.console import Console
     from rich.markup import escape
 
-    console = Console()
+    terminal = console()
     for warning in result["fit_warnings"]:
-        console.print(f"[yellow]fit warning:[/yellow] {escape(warning)}", highlight=False)
+        terminal.print(f"[yellow]fit warning:[/yellow] {escape(warning)}", highlight=False)
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
-    console.print(escape(f"demo finished ({times}): metrics {result['metrics']}, fit {result['fit']}, "
-                         f"report {result['report']}"), highlight=False)
+    terminal.print(escape(f"demo finished ({times}): metrics {result['metrics']}, fit {result['fit']}, "
+                          f"report {result['report']}"), highlight=False)

@@ -1,4 +1,4 @@
-"""`qtm chain run CONFIG.toml --out results/NAME`: run or continue a Chain of Diffusion."""
+"""`qtm chain run CONFIG.toml --out results/NAME`: run or continue a Chain of Diffusion (chain.run)."""
 
 from __future__ import annotations
 
@@ -7,32 +7,30 @@ from typing import Annotated
 
 import typer
 
-from qtm.cli_common import fail, print_json
+from qtm.commands.common import JsonFlag, console, print_json, progress_bars, reported
+
+FLAGS = {"out_dir": "--out"}
+"""run_chain's arguments -> this command's flags."""
 
 
 def run(
     config: Annotated[Path, typer.Argument(help="TOML config (see examples/tiny_cpu.toml, examples/paper_sd15.toml).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder, e.g. results/NAME; rerunning continues it.")],
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Rich progress bars.")] = True,
-    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of a table.")] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """Finetune and generate for every condition and iteration; write metrics.nc after each one."""
-    from chain.config import ConfigError, load_config
-    from chain.data import DatasetError
-    from chain.models import ModelLoadError
-    from chain.run import RunError, run_chain
-
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+
+    from chain.config import load_config
+    from chain.run import run_chain
 
     # The chain shows its own progress; the libraries' per-file loading bars would interleave with it.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    try:
-        cfg = load_config(config)
-        ds = run_chain(cfg, out, progress=progress and not json_output)
-    except (ConfigError, DatasetError, ModelLoadError, RunError) as exc:
-        fail(str(exc))
+    with reported(FLAGS), progress_bars(enabled=progress and not json_output) as bars:
+        ds = run_chain(load_config(config), out, progress=bars)
     summary = {
         "out": str(out),
         "metrics": str(Path(out) / "metrics.nc"),
@@ -46,7 +44,6 @@ def run(
     if json_output:
         print_json(summary)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"hf_power mean per iteration ({summary['metrics']})")
@@ -55,4 +52,4 @@ def run(
         table.add_column(f"it {k}", justify="right")
     for c, values in summary["hf_power_mean"].items():
         table.add_row(c, *(f"{v:.4f}" for v in values))
-    Console().print(table)
+    console().print(table)

@@ -1,30 +1,24 @@
 """`qtm simulate`: the trait model's trajectory (MODEL.md section 3) and, with --population, the
-finite-population Monte Carlo (section 5). A thin shell: build `TraitParams`, call the library, print,
-write. Never imports torch."""
+finite-population Monte Carlo (section 5). A thin shell: build `TraitParams`, call qtm, print, write.
+Never imports torch."""
 
 from __future__ import annotations
 
 import math
-import re
 import shlex
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from qtm.cli_common import fail, print_json
+from qtm.commands.common import (JsonFlag, NetcdfOut, PlotOut, check_output, console, fail, print_json, reported,
+                                 writing)
 
-_FLAGS = {
+FLAGS = {
     "r1": "--r1", "r2": "--r2", "tail_rate": "--tail-rate", "sigma_mut": "--sigma-mut", "mu0": "--mu0",
     "sigma_g0": "--sigma-g0", "sigma_env": "--sigma-env", "mutation_mode": "--mutation-mode",
 }
+"""TraitParams fields -> this command's flags."""
 QUANTILES = (0.05, 0.5, 0.95)
-
-
-def _flag_message(message: str) -> str:
-    """Rewrite a TraitParams.validate message in terms of the command-line flags."""
-    pattern = r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b"
-    return re.sub(pattern, lambda m: _FLAGS[m.group(1)], message)
 
 
 def simulate(
@@ -46,10 +40,9 @@ def simulate(
         help="Monte Carlo replicates (default 100; needs --population).")] = None,
     seed: Annotated[int | None, typer.Option(help="Monte Carlo seed (default 0; needs --population).")
                     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the trajectory as netCDF (h5netcdf).")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Draw the trajectory to this image file.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of "
-                                                             "tables.")] = False,
+    out: NetcdfOut = None,
+    plot: PlotOut = None,
+    json_output: JsonFlag = False,
 ) -> None:
     """Simulate the quantitative-trait model of the Chain of Diffusion (defaults: the paper's, App. D.2.2).
 
@@ -60,16 +53,12 @@ def simulate(
     asymptotes} and, with --population, a "monte_carlo" object with per-iteration quantiles q05, q50, q95
     and the replicate mean of each variable.
     """
-    from qtm.params import MUTATION_MODES, TraitParams
+    from qtm.params import TraitParams
 
-    if mutation_mode not in MUTATION_MODES:
-        fail(f"--mutation-mode must be one of {', '.join(MUTATION_MODES)}; got {mutation_mode!r}")
     params = TraitParams(r1=r1, r2=r2, tail_rate=tail_rate, sigma_mut=sigma_mut, mu0=mu0, sigma_g0=sigma_g0,
                          sigma_env=sigma_env, mutation_mode=mutation_mode)
-    try:
+    with reported(FLAGS):
         params.validate()
-    except ValueError as err:
-        fail(_flag_message(str(err)))
     if iterations < 1:
         fail(f"--iterations must be >= 1; got {iterations}")
     if population is None:
@@ -86,12 +75,12 @@ def simulate(
             fail(f"--seed must be >= 0; got {seed}")
         if math.isinf(tail_rate) and population - round(r1 * population) - round(r2 * population) < 1:
             fail(f"--population {population} keeps nobody with --r1 {r1} --r2 {r2}: increase --population")
-    if out is not None and out.exists() and out.is_dir():
-        fail(f"--out {out} is a directory; give a file name such as {out / 'trajectory.nc'}")
+    check_output("--out", out)
+    check_output("--plot", plot)
 
     import jax
 
-    from qtm.dataset import population_dataset, provenance, trajectory_dataset, write_netcdf_atomic
+    from qtm.dataset import population_dataset, provenance, trajectory_dataset
     from qtm.recursion import asymptotes, trajectory
 
     command = _command_line(params, iterations, population, replicates, seed, out, plot, json_output)
@@ -119,35 +108,29 @@ def simulate(
                          "response")})
 
     if out is not None:
-        try:
-            write_netcdf_atomic(mc if mc is not None else det, out)
-        except OSError as err:
-            fail(f"--out {out}: cannot write ({err.strerror or err})")
+        from qtmio.netcdf import write_netcdf
+
+        with writing("--out", out):
+            write_netcdf(mc if mc is not None else det, out)
     if plot is not None:
         from qtm.plotting import plot_trajectory
 
-        try:
+        with writing("--plot", plot):
             plot_trajectory(mc if mc is not None else det, plot, reference=det if mc is not None else None)
-        except OSError as err:
-            fail(f"--plot {plot}: cannot write ({err.strerror or err})")
-        except ValueError as err:  # unknown image format
-            fail(f"--plot {plot}: {err}")
 
     if json_output:
         print_json(_json_record(det, params, limits, mc))
         return
     _print_tables(det, limits, mc, params)
-    console = _console()
-    if out is not None:
-        console.print(f"wrote {out}")
-    if plot is not None:
-        console.print(f"wrote {plot}")
+    for target in (out, plot):
+        if target is not None:
+            console().print(f"wrote {target}")
 
 
 def _command_line(params, iterations, population, replicates, seed, out, plot, json_output) -> str:
     """The fully resolved command line (for the provenance attrs), defaults included."""
     parts = ["qtm", "simulate"]
-    for field, flag in _FLAGS.items():
+    for field, flag in FLAGS.items():
         value = getattr(params, field)
         parts += [flag, value if isinstance(value, str) else f"{value:g}"]
     parts += ["--iterations", str(iterations)]
@@ -160,13 +143,6 @@ def _command_line(params, iterations, population, replicates, seed, out, plot, j
     if json_output:
         parts.append("--json")
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def _console():
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=120)
 
 
 def _quantiles(values, qs) -> Any:
@@ -209,7 +185,7 @@ def _json_record(det, params, limits, mc) -> dict[str, Any]:
 def _print_tables(det, limits, mc, params) -> None:
     from rich.table import Table
 
-    console = _console()
+    terminal = console()
     hard = math.isinf(params.tail_rate)
     title = (f"Moment recursion (N = inf): r1={params.r1:g}, r2={params.r2:g}, "
              + ("hard truncation" if hard else f"tail_rate={params.tail_rate:g}")
@@ -221,16 +197,16 @@ def _print_tables(det, limits, mc, params) -> None:
         row = det.isel(iteration=t)
         table.add_row(str(t), *(f"{float(row[name]):.6g}" for name in (
             "mean", "var_genetic", "var_phenotype", "heritability", "selection_differential", "response")))
-    console.print(table)
+    terminal.print(table)
     if limits is not None:
         direction = "upward" if limits["drift_per_iteration"] > 0 else (
             "downward" if limits["drift_per_iteration"] < 0 else "none")
-        console.print(f"{limits['kind']}: mean drift per iteration {limits['drift_per_iteration']:.6g} "
+        terminal.print(f"{limits['kind']}: mean drift per iteration {limits['drift_per_iteration']:.6g} "
                       f"({direction}); V_P -> {limits['var_phenotype_limit']:.6g}, "
                       f"V_G -> {limits['var_genetic_limit']:.6g}, h2 -> {limits['heritability_limit']:.6g} "
                       f"(m_sel = {limits['m_sel']:.6g}, v_sel = {limits['v_sel']:.6g})")
     else:
-        console.print("No selection (v_sel = 1): V_G grows without bound; no asymptotes.")
+        terminal.print("No selection (v_sel = 1): V_G grows without bound; no asymptotes.")
     if mc is None:
         return
     table = Table(title=f"Monte Carlo: N = {mc.attrs['population']}, {mc.sizes['replicate']} replicates, "
@@ -253,4 +229,4 @@ def _print_tables(det, limits, mc, params) -> None:
             if name in ("mean", "var_genetic"):
                 cells.append(f"{fmt(lo)}..{fmt(hi)}")
         table.add_row(str(t), *cells)
-    console.print(table)
+    terminal.print(table)

@@ -12,24 +12,24 @@ from typing import Annotated
 
 import typer
 
-from qtm.cli_common import fail, print_json
+from qtm.commands.common import (JsonFlag, NetcdfOut, PlotOut, check_output, console, fail, print_json,
+                                 progress_bars, reported, writing)
+
+FLAGS = {
+    "selection": "--model", "mutation": "--mutation", "variance": "--variance", "objective": "--objective",
+    "free": "--free", "shared": "--share", "fixed": "--fix", "drift": "--drift", "population": "--population",
+    "interval": "--interval", "num_starts": "--starts", "num_bootstrap": "--bootstrap-samples",
+    "train_iterations": "--train-iterations",
+}
+"""ModelSpec and FitConfig fields -> this command's flags."""
 
 
-def _names(values: list[str] | None, flag: str) -> tuple[str, ...] | None:
+def _names(values: list[str] | None) -> tuple[str, ...] | None:
+    """Parameter names given comma-separated or repeated (unknown names are the library's to refuse)."""
     if not values:
         return None
-    from qtm.params import PARAM_NAMES
-
-    out = []
-    for value in values:
-        for name in value.split(","):
-            name = name.strip()
-            if not name:
-                continue
-            if name not in PARAM_NAMES:
-                fail(f"{flag}: unknown parameter {name!r}; parameters are {', '.join(PARAM_NAMES)}")
-            out.append(name)
-    return tuple(dict.fromkeys(out))
+    names = (name.strip() for value in values for name in value.split(","))
+    return tuple(dict.fromkeys(name for name in names if name))
 
 
 def _fixes(values: list[str] | None) -> tuple[tuple[str, float], ...]:
@@ -81,92 +81,60 @@ def fit(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the starts, draws and bootstrap.")] = 0,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also fit hard/soft x none/paper/additive and compare AIC/BIC.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the fit dataset (netCDF).")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the figure (PNG).")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
-    = False,
+    out: NetcdfOut = None,
+    plot: PlotOut = None,
+    json_output: JsonFlag = False,
 ) -> None:
     """Fit qtm's recursion to per-iteration phenotypes: per-condition r1, r2 (and tail_rate, sigma_mut),
     shared mu0, sigma_g0, sigma_env, with 95 % intervals, goodness of fit and an optional forecast."""
     import sys
 
     import jax
-    from rich.console import Console
 
-    from fitting.driver import FitConfig, FitError, fit_observations
-    from fitting.model import DEFAULT_SHARED, ModelError, ModelSpec
-    from fitting.observations import ObservationError, load_observations
+    from fitting.driver import FitConfig, fit_observations
+    from fitting.model import DEFAULT_SHARED, ModelSpec
+    from fitting.observations import load_observations
 
-    if starts < 1:
-        fail(f"--starts must be >= 1; got {starts}")
-    if bootstrap_samples < 2:
-        fail(f"--bootstrap-samples must be >= 2; got {bootstrap_samples}")
-    if train_iterations is not None and train_iterations < 1:
-        fail(f"--train-iterations must be >= 1; got {train_iterations}")
     spec = ModelSpec(selection=model, mutation=mutation, variance=variance, objective=objective,
-                     free=_names(free, "--free"), fixed=_fixes(fix),
-                     shared=_names(share, "--share") or DEFAULT_SHARED, drift=drift, population=population)
+                     free=_names(free), fixed=_fixes(fix),
+                     shared=_names(share) or DEFAULT_SHARED, drift=drift, population=population)
     config = FitConfig(spec=spec, interval=interval, num_starts=starts, train_iterations=train_iterations,
                        num_bootstrap=bootstrap_samples)
-    try:
+    with reported(FLAGS):
         config.validate()
-    except ValueError as exc:
-        fail(str(exc))
-    for flag, target in (("--out", out), ("--plot", plot)):
-        if target is not None and target.exists() and target.is_dir():
-            fail(f"{flag} {target} is a directory; give a file name")
+    check_output("--out", out)
+    check_output("--plot", plot)
 
-    err = Console(stderr=True)
-    try:
+    with reported(FLAGS), progress_bars() as bars:
         obs = load_observations(path)
-        with _progress(err) as progress:
-            result = fit_observations(obs, config, key=jax.random.key(seed), progress=progress)
-            comparison = None
-            if compare:
-                from fitting.compare import VARIANTS, compare_variants
+        result = fit_observations(obs, config, key=jax.random.key(seed), progress=bars)
+        comparison = None
+        if compare:
+            from fitting.compare import VARIANTS, compare_variants
 
-                # the drift model is derived for hard selection: compare the hard variants only
-                variants = tuple(v for v in VARIANTS if v[0] == "hard") if drift else VARIANTS
-                comparison = compare_variants(obs if train_iterations is None else result.train, spec,
-                                              num_starts=max(2, min(starts, 4)), key=jax.random.key(seed + 1),
-                                              variants=variants, progress=progress("comparing models",
-                                                                                   len(variants)))
-    except (ObservationError, ModelError, FitError) as exc:
-        fail(str(exc))
+            # the drift model is derived for hard selection: compare the hard variants only
+            variants = tuple(v for v in VARIANTS if v[0] == "hard") if drift else VARIANTS
+            comparison = compare_variants(obs if train_iterations is None else result.train, spec,
+                                          num_starts=max(2, min(starts, 4)), key=jax.random.key(seed + 1),
+                                          variants=variants,
+                                          progress=bars("comparing models", len(variants)) if bars else None)
 
     from fitting.results import render_tables, to_json, write_fit
 
     command = "qtm fit " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "qtm fit"
     if out is not None:
-        write_fit(result, out, seed=seed, comparison=comparison, command=command)
+        with writing("--out", out):
+            write_fit(result, out, seed=seed, comparison=comparison, command=command)
     if plot is not None:
         from fitting.plotting import plot_fit
 
-        plot_fit(result, plot)
+        with writing("--plot", plot):
+            plot_fit(result, plot)
     if json_output:
         print_json(to_json(result, comparison=comparison))
-    else:
-        render_tables(result, Console(), comparison=comparison)
-        for label, target in (("fit dataset", out), ("figure", plot)):
-            if target is not None:
-                Console().print(f"{label}: {target}", markup=False)
-
-
-class _progress:
-    """Rich progress bars on stderr (only on a terminal); `progress(description, total)` -> advance()."""
-
-    def __init__(self, console):
-        from rich.progress import Progress
-
-        self._bar = Progress(console=console, transient=True, disable=not console.is_terminal)
-
-    def __enter__(self):
-        self._bar.__enter__()
-
-        def start(description: str, total: int):
-            task = self._bar.add_task(description, total=total)
-            return lambda: self._bar.advance(task)
-        return start
-
-    def __exit__(self, *exc):
-        return self._bar.__exit__(*exc)
+        return
+    terminal = console()
+    render_tables(result, terminal, comparison=comparison)
+    for label, target in (("fit dataset", out), ("figure", plot)):
+        if target is not None:
+            terminal.print(f"{label}: {target}", markup=False)

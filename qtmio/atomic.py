@@ -1,4 +1,10 @@
-"""Atomic writes: a reader, or a writer killed half-way, never sees a partial file (no torch needed)."""
+"""Atomic writes: a reader, or a writer killed half-way, never sees a partial file or folder.
+
+The one place that writes files for qtm, chain and fitting: a file is written to a temporary name beside
+its destination and renamed into place (`os.replace`, atomic on one file system); a folder is built beside
+its destination and renamed likewise. Missing parent folders are created. Files get the ordinary
+permissions (umask), unlike tempfile.mkstemp's 0600.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +16,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _temporary_name(path: Path, suffix: str) -> Path:
+    """A fresh hidden name beside `path` ending in `suffix` (hidden: qtmio.images.list_images skips it)."""
+    return path.with_name(f".{path.name.removesuffix(suffix)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+
+
 @contextlib.contextmanager
 def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary path beside `path` (same suffix); on success it replaces `path` (os.replace),
-    on error it is removed. The file gets the usual permissions (umask), unlike tempfile.mkstemp's 0600."""
+    """Yield a fresh temporary path beside `path` (same suffix, so writers that choose the format by the
+    suffix keep working); on success it replaces `path`, on error it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path, path.suffix)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -44,7 +55,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     the removal and the rename leaves no folder, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = _temporary_name(path, "")
     tmp.mkdir()
     try:
         yield tmp

@@ -1,19 +1,20 @@
 """`qtm spectra DIR`: the power-spectrum phenotype of every image in a folder (DESIGN.md "The phenotype").
 
 A thin shell around chain.spectra.measure_folder: check the arguments, measure (streaming, in batches),
-print a summary or JSON, optionally write the per-image dataset (.nc) and a plot. torch is imported inside
-the command body only.
+print a summary or JSON, optionally write the per-image dataset (.nc) and a plot (chain.spectra.plot_folder).
+torch is imported inside the command body only.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from qtm.cli_common import fail, print_json
+from qtm.commands.common import (JsonFlag, NetcdfOut, PlotOut, check_output, console, fail, print_json,
+                                 progress_bars, writing)
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -21,33 +22,33 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 def spectra(
     directory: Annotated[Path, typer.Argument(help="Folder of images (png, jpg, jpeg, webp; nested folders allowed).",
                                               metavar="DIR", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the per-image spectra to this netCDF (.nc) file.")]
-    = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the hf_power histogram and the mean radial and "
-                                                 "angular spectra to this file (.png, .pdf, .svg).")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the summary.")] = False,
+    out: NetcdfOut = None,
+    plot: PlotOut = None,
+    json_output: JsonFlag = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and transformed at once.")]
     = 32,
     device: Annotated[str, typer.Option("--device", help="torch device for the FFTs, e.g. cpu or cuda.")] = "cpu",
     tau: Annotated[float, typer.Option("--tau", help="Phenotype threshold in cycles/pixel (Eq. 14); 0.02 for "
                                        "256-pixel images, 0.02 * 256 / size for smaller ones.")] = 0.02,
 ) -> None:
-    """Measure the power-spectrum phenotype (hf_power) of every image in DIR and summarise it."""
+    """Measure the power-spectrum phenotype (hf_power) of every image in DIR and summarise it.
+
+    --out writes the per-image dataset (hf_power, radial and angular spectra); --plot draws the hf_power
+    histogram and the mean radial and angular spectra.
+    """
     if not directory.exists():
         fail(f"{directory} does not exist; give the folder that holds the images")
     if not directory.is_dir():
         fail(f"{directory} is not a folder; give the folder that holds the images")
     if not 0.0 <= tau < 0.7072:
         fail(f"--tau {tau}: the threshold is a radial frequency in cycles/pixel, in [0, 1/sqrt(2))")
-    if out is not None and out.suffix.lower() != ".nc":
-        fail(f"--out {out}: the dataset is written as netCDF; use a file name ending in .nc")
-    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
-        fail(f"--plot {plot}: use a file name ending in one of {', '.join(PLOT_SUFFIXES)}")
+    check_output("--out", out, suffixes=(".nc",))
+    check_output("--plot", plot, suffixes=PLOT_SUFFIXES)
     for target, flag in ((out, "--out"), (plot, "--plot")):
         if target is not None and not target.parent.is_dir():
             fail(f"{flag} {target}: the folder {target.parent} does not exist")
 
-    from chain.images import IMAGE_SUFFIXES, list_images
+    from qtmio.images import IMAGE_SUFFIXES, list_images
 
     paths = list_images(directory)
     if not paths:
@@ -64,19 +65,26 @@ def spectra(
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {device}: CUDA is not available on this machine; use --device cpu")
 
-    def report(path: Path, reason: str) -> None:
+    def skipped(path: Path, reason: str) -> None:
         typer.echo(f"warning: skipped {path.relative_to(directory).as_posix()}: {reason}", err=True)
 
-    ds = measure_folder(directory, batch_size=batch_size, device=torch_device, progress=not json_output,
-                        on_error=report, tau=tau)
+    with progress_bars(enabled=not json_output) as bars:
+        ds = measure_folder(directory, batch_size=batch_size, device=torch_device, on_error=skipped, tau=tau,
+                            on_progress=bars("spectra", len(paths)) if bars else None)
     num_failed = int(ds.attrs["num_failed"])
     if ds.sizes["image"] == 0:
         fail(f"none of the {len(paths)} images under {directory} could be read")
 
     if out is not None:
-        _write_dataset_atomic(ds, out)
+        from qtmio.netcdf import write_netcdf
+
+        with writing("--out", out):
+            write_netcdf(ds, out)
     if plot is not None:
-        _plot(ds, plot)
+        from chain.spectra import plot_folder
+
+        with writing("--plot", plot):
+            plot_folder(ds, plot)
 
     summary = _summary(ds["hf_power"].values)
     if json_output:
@@ -127,10 +135,9 @@ def _summary(values) -> dict[str, float]:
 
 
 def _print_summary(directory, ds, summary, num_failed, out, plot) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    terminal = console()
     table = Table(title=f"hf_power of the images in {directory}", show_header=True)
     table.add_column("statistic")
     table.add_column("value", justify="right")
@@ -140,55 +147,9 @@ def _print_summary(directory, ds, summary, num_failed, out, plot) -> None:
         table.add_row("constant images (hf_power undefined)", str(summary["num_undefined"]))
     for key in ("mean", "sd", "min", "q05", "q25", "median", "q75", "q95", "max"):
         table.add_row(key, f"{summary[key]:.6g}")
-    console.print(table)
-    console.print(f"tau = {ds.attrs['phenotype_tau']} cycles/pixel; images with a short side >= 256 are "
-                  "area-downsampled and centre-cropped to 256 x 256")
-    if out is not None:
-        console.print(f"wrote {out}")
-    if plot is not None:
-        console.print(f"wrote {plot}")
-
-
-def _write_dataset_atomic(ds, path: Path) -> None:
-    from chain.images import atomic_write_path
-
-    with atomic_write_path(path) as tmp:
-        ds.to_netcdf(tmp, engine="h5netcdf")
-
-
-def _plot(ds, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    hf = ds["hf_power"].values
-    hf = hf[np.isfinite(hf)]
-    axes[0].hist(hf, bins=min(50, max(5, hf.size // 4)), color="tab:blue")
-    axes[0].set_xlabel(f"hf_power (fraction of energy at r > {ds.attrs['phenotype_tau']})")
-    axes[0].set_ylabel("images")
-    axes[0].set_title(f"{hf.size} images, mean {hf.mean():.4g}" if hf.size else "no finite values")
-    radial = ds["radial_psd"].mean("image", skipna=True).values
-    freq = ds["frequency"].values
-    keep = (freq > 0) & np.isfinite(radial) & (radial > 0)
-    axes[1].semilogy(freq[keep], radial[keep])
-    axes[1].axvline(ds.attrs["phenotype_tau"], color="grey", ls="--", lw=0.8)
-    axes[1].set_xlabel("radial frequency (cycles/pixel)")
-    axes[1].set_ylabel("mean ring power")
-    axes[1].set_title("radial spectrum")
-    angular = ds["angular_psd"].mean("image").values
-    degrees = np.degrees(ds["angle"].values)
-    axes[2].plot(degrees, angular, marker="o")
-    axes[2].set_xlabel("orientation (degrees, folded to [0, 180))")
-    axes[2].set_ylabel("mean sector power (r > 0.1)")
-    axes[2].set_title("angular spectrum")
-    fig.tight_layout()
-    from chain.images import atomic_write_path
-
-    try:
-        with atomic_write_path(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    terminal.print(table)
+    terminal.print(f"tau = {ds.attrs['phenotype_tau']} cycles/pixel; images with a short side >= 256 are "
+                   "area-downsampled and centre-cropped to 256 x 256")
+    for target in (out, plot):
+        if target is not None:
+            terminal.print(f"wrote {target}")
