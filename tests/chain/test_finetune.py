@@ -1,5 +1,6 @@
-"""Finetuning pieces against their definitions: min-SNR weights from the beta schedule, the condition-drop
-rate (binomial bounds), cached flips, and a finetune that leaves the base model untouched."""
+"""Finetuning pieces against their definitions: min-SNR weights from the beta schedule, the diffusion loss of
+one batch, the condition-drop rate (binomial bounds), cached flips, and a finetune that leaves the base
+model untouched."""
 
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from chain.config import FinetuneConfig, TinyModelConfig
-from chain.finetune import cache_latents, drop_captions, finetune, min_snr_weights
+from chain.finetune import cache_latents, diffusion_loss, drop_captions, finetune, min_snr_weights
 from chain.lora import lora_parameters
 from chain.models import SD_SCHEDULER_CONFIG, make_tiny_base_model, weights_digest
 from chain.sampling import make_generator
@@ -34,6 +35,46 @@ def test_min_snr_weights_formula(gamma):
     np.testing.assert_allclose(min_snr_weights(sched.alphas_cumprod, t, gamma).numpy(), want_eps, rtol=1e-4)  # abar is float32 in diffusers
     np.testing.assert_allclose(min_snr_weights(sched.alphas_cumprod, t, gamma, "v_prediction").numpy(), want_v, rtol=1e-4)
     assert torch.all(min_snr_weights(sched.alphas_cumprod, t, 0.0) == 1)
+
+
+class _ZeroUNet(torch.nn.Module):
+    """Predicts 0 everywhere (the loss is then the weighted mean square of the target)."""
+
+    def forward(self, x, t, embeddings):
+        return type("Out", (), {"sample": torch.zeros_like(x) + 0.0 * embeddings.sum()})()
+
+
+class _ZeroText(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, ids, output_hidden_states=False):
+        return type("Out", (), {"last_hidden_state": torch.zeros(ids.shape[0], ids.shape[1], 4) + self.weight})()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_loss_by_hand(prediction_type):
+    """loss = mean_b w(t_b) mean((0 - target_b)^2): target eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    from diffusers import DDPMScheduler
+
+    gamma = 5.0
+    sched = DDPMScheduler.from_config({**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type})
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+    t = torch.tensor([5, 300, 900])
+    loss = diffusion_loss(_ZeroUNet(), _ZeroText(), sched, x0, noise, t, torch.zeros(3, 7, dtype=torch.long),
+                          clip_skip=1, min_snr_gamma=gamma, train_text_encoder=False)
+    abar = _alphas_cumprod_sd()[t.numpy()]
+    snr = abar / (1 - abar)
+    eps, x = noise.double().numpy(), x0.double().numpy()
+    if prediction_type == "epsilon":
+        target, w = eps, np.minimum(snr, gamma) / snr
+    else:
+        a = abar[:, None, None, None]
+        target, w = np.sqrt(a) * eps - np.sqrt(1 - a) * x, np.minimum(snr, gamma) / (snr + 1)
+    want = np.mean(w * (target**2).mean(axis=(1, 2, 3)))
+    assert float(loss) == pytest.approx(want, rel=1e-5)  # diffusers keeps abar in float32
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 1.0])
