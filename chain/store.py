@@ -1,5 +1,5 @@
-"""The results store: the chain's `metrics.nc`, a dataset of the results contract (qtmio.contract; DESIGN.md
-"The results contract") with this engine's extras.
+"""The results store: the chain's `metrics.nc`, a dataset of the results contract (qtmio.contract) with this
+engine's extras.
 
 Dimensions: condition (str), iteration (0 = D_0, k = images of M_k), image (index of the prompt/original
 image; with several images per prompt, image = prompt * images_per_prompt + j), frequency, angle, plus this

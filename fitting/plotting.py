@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fitting.driver import FitResult
 from qtmio.figures import figure, save_figure
+
+if TYPE_CHECKING:  # drawing a fit.nc needs no optimizer
+    from fitting.driver import FitResult
 
 
 def plot_fit(result: FitResult, path: str | Path) -> Path:

@@ -22,15 +22,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fitting.driver import FitResult
 from qtm.params import PARAM_NAMES
 from qtmio.contract import FIT_SCHEMA_VERSION
 from qtmio.netcdf import write_netcdf
 from qtmio.provenance import provenance
+
+if TYPE_CHECKING:  # the fit's dataset and tables need no optimizer: `qtm report` draws a fit.nc without it
+    from fitting.driver import FitResult
 
 PACKAGES = ("qtm", "jax", "jaxlib", "numpy", "scipy", "xarray", "h5netcdf")
 

@@ -1,6 +1,5 @@
-"""Provenance for dataset attrs (STYLE.md, "Self-describing results"): when, from which code, with which
-packages, seed and command. The one provenance writer of the project: trajectories, metrics and fits all
-carry the same keys."""
+"""Provenance for dataset attrs: when, from which code, with which packages, seed and command. The one
+provenance writer of the project: trajectories, metrics and fits all carry the same keys."""
 
 from __future__ import annotations
 
