@@ -31,6 +31,7 @@ def _register() -> None:
     from chain.run_command import run
     from chain.spectra_command import spectra
     from fitting.fit_command import fit
+    from qtm.commands.assay import assay
     from qtm.demo_command import demo
     from qtm.report_command import report
     from qtm.simulate_command import simulate
@@ -41,6 +42,7 @@ def _register() -> None:
     app.command("fit")(fit)
     app.command("report")(report)
     app.command("demo")(demo)
+    app.command("assay")(assay)
 
 
 _register()
