@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,8 @@ def uniform_endpoints(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     u = np.atleast_2d(u)
     n = np.sum(np.isfinite(u), axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows without values give NaN
         umin, umax = np.nanmin(u, axis=-1), np.nanmax(u, axis=-1)
         pad = (umax - umin) / (n - 1)
     return umin - pad, umax + pad
@@ -136,7 +138,8 @@ def window_empirical(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndar
     [0, 1].
     """
     u = reference_percentiles(guided, reference)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows with fewer than 2 values give NaN
         centre = np.nanmean(u, axis=-1)
         width = np.sqrt(12.0 * np.nanvar(u, axis=-1, ddof=1))
     return np.clip(centre - width / 2, 0.0, 1.0), np.clip(1.0 - centre - width / 2, 0.0, 1.0)
@@ -212,8 +215,9 @@ def truncation_test(guided: np.ndarray, reference: np.ndarray) -> dict[str, Any]
     Compared by AIC = 2 k - 2 log L and Akaike weights exp(-dAIC / 2) / sum; `best` is the model of largest
     weight, `statistic` the likelihood ratio 2 (log L_best - log L_runner_up); `p_value` holds the
     likelihood-ratio tests of shift and of scale against none (nested, chi^2 with 1 degree of freedom; the
-    truncation model is not regular at its endpoints and gets no such p-value). The four fits treat the two
-    sets as independent samples (paired seeds make them correlated; docs/assay.md).
+    truncation model is not regular at its endpoints and gets no such p-value); `truncation_fit` holds the
+    truncation model's (m, s). The four fits treat the two sets as independent samples (paired seeds make
+    them correlated; docs/assay.md).
     """
     from scipy import optimize
 
@@ -225,7 +229,7 @@ def truncation_test(guided: np.ndarray, reference: np.ndarray) -> dict[str, Any]
     if ng < 2 or nx < 2 or np.ptp(x) <= 0 or np.ptp(g) <= 0:
         return {"best": None, "log_likelihood": dict(nan), "aic": dict(nan), "aic_weight": dict(nan),
                 "statistic": math.nan, "p_value": {"shift": math.nan, "scale": math.nan}, "shift": math.nan,
-                "scale": math.nan}
+                "scale": math.nan, "truncation_fit": {"mean": math.nan, "sd": math.nan}}
     n = nx + ng
     const = -0.5 * n * (1.0 + np.log(2 * np.pi))
     both = np.concatenate([x, g])
@@ -255,7 +259,8 @@ def truncation_test(guided: np.ndarray, reference: np.ndarray) -> dict[str, Any]
     start = np.array([xbar, math.log(np.std(x))])
     fit = optimize.minimize(truncation_nll, start, method="Nelder-Mead",
                             options={"xatol": 1e-9, "fatol": 1e-9, "maxiter": 2000})
-    loglik["truncation"] = -float(min(fit.fun, truncation_nll(start)))
+    theta = fit.x if fit.fun <= truncation_nll(start) else start
+    loglik["truncation"] = -float(truncation_nll(theta))
     aic = {k: 2 * MODEL_NUM_PARAMS[k] - 2 * float(loglik[k]) for k in MODELS}
     best_aic = min(aic.values())
     raw = {k: math.exp(-0.5 * (aic[k] - best_aic)) for k in MODELS}
@@ -266,7 +271,8 @@ def truncation_test(guided: np.ndarray, reference: np.ndarray) -> dict[str, Any]
             "aic_weight": {k: raw[k] / total for k in MODELS},
             "statistic": float(2 * (loglik[ranked[0]] - loglik[ranked[1]])),
             "p_value": {k: float(stats.chi2.sf(v, 1)) for k, v in lr.items()},
-            "shift": gbar - xbar, "scale": scale}
+            "shift": gbar - xbar, "scale": scale,
+            "truncation_fit": {"mean": float(theta[0]), "sd": math.exp(theta[1])}}
 
 
 def condition_statistics(guided: np.ndarray, reference: np.ndarray, iterations: np.ndarray, *,
@@ -418,13 +424,10 @@ def _percentiles(values: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarr
     """Percentile interval over axis 0, ignoring NaN replicates; NaN where more than half are NaN."""
     values = np.asarray(values, float)
     finite = np.isfinite(values)
-    with np.errstate(invalid="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            lo = np.nanquantile(np.where(finite, values, np.nan), alpha, axis=0)
-            hi = np.nanquantile(np.where(finite, values, np.nan), 1 - alpha, axis=0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN
+        lo = np.nanquantile(np.where(finite, values, np.nan), alpha, axis=0)
+        hi = np.nanquantile(np.where(finite, values, np.nan), 1 - alpha, axis=0)
     bad = finite.mean(axis=0) < 0.5
     return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
 
