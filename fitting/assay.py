@@ -93,7 +93,7 @@ def uniform_endpoints(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def window_normal(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Realized window (r1, r2) by maximum likelihood under the normal law (MODEL.md's Eq. 7-8 setting).
+    """Realized window (r1, r2) by maximum likelihood under the normal law (the hard truncation of Eq. 7-8).
 
     Model: reference ~ N(m, s^2), m and s the reference set's mean and sample sd (ddof 1); guided ~ that law
     truncated to [m + s Phi^-1(r1), m + s Phi^-1(1 - r2)]. Reparametrised by the probability transform
