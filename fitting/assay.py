@@ -381,12 +381,11 @@ def run_assay(data: AssayInput, config: AssayConfig = AssayConfig(), *, rng: np.
     advance = progress("bootstrap over images", num_c) if progress is not None else None
     for c, name in enumerate(data.conditions):
         g, r = data.guided[c], data.reference[c]
-        tests.append([truncation_test(g[i], r[i]) for i in range(num_i)])
-        for i, k in enumerate(data.iterations):
-            if num_r[c, i] < config.min_images or num_g[c, i] < config.min_images:
-                what = "reference" if num_r[c, i] < config.min_images else "guided"
-                notes.append(f"condition {name} iteration {int(k)}: {int(min(num_r[c, i], num_g[c, i]))} "
-                             f"{what} image(s), fewer than {config.min_images}; not assayed")
+        few = (num_r[c] < config.min_images) | (num_g[c] < config.min_images)
+        tests.append([truncation_test(g[i][:0] if few[i] else g[i], r[i]) for i in range(num_i)])
+        if few.any():
+            notes.append(f"condition {name}: iteration(s) {', '.join(str(int(k)) for k in data.iterations[few])} "
+                         f"have fewer than {config.min_images} guided or reference images; not assayed")
         point = condition_statistics(g[:, None, :], r[:, None, :], data.iterations, min_images=config.min_images)
         for k in ITERATION_QUANTITIES:
             est[k][c] = point[k][0]

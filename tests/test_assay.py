@@ -182,7 +182,8 @@ def test_cells_with_too_few_images_are_left_out_with_a_note():
     result = run_assay(data, AssayConfig(num_bootstrap=20), rng=np.random.default_rng(0))
     assert np.isnan(result.estimate["selection_differential"][0, 1])
     assert np.isnan(result.estimate["response"][0, 0]) and np.isnan(result.estimate["response"][0, 1])
-    assert any("iteration 2" in n and "not assayed" in n for n in result.notes)
+    assert any("iteration(s) 2 have" in n and "not assayed" in n for n in result.notes), result.notes
+    assert result.tests[0][1]["best"] is None and result.tests[0][0]["best"] is not None
 
 
 def test_cell_statistics_rows_are_independent_replicates():
