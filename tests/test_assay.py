@@ -170,8 +170,8 @@ def test_response_needs_the_next_iteration():
     ref = np.array([0.0, 1.0, 5.0])
     out = response_and_heritability(s, ref, np.array([1, 2, 4]))  # iteration 3 missing
     np.testing.assert_allclose(out["response"], [1.0, np.nan, np.nan])
-    assert realized_heritability_slope(np.array([np.nan]), np.array([np.nan])) != realized_heritability_slope(
-        np.array([np.nan]), np.array([np.nan]))  # NaN when no point
+    assert np.isnan(realized_heritability_slope(np.array([np.nan]), np.array([np.nan])))  # no point
+    assert realized_heritability_slope(np.array([2.0, np.nan]), np.array([1.0, 5.0])) == pytest.approx(0.5)
 
 
 def test_cells_with_too_few_images_are_left_out_with_a_note():
