@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from qtm.commands.assay import assay
 from qtm.commands.chain_run import run
 from qtm.commands.demo import demo
 from qtm.commands.fit import fit
@@ -38,6 +39,7 @@ app.command("simulate")(simulate)
 app.command("spectra")(spectra)
 chain_app.command("run")(run)
 app.command("fit")(fit)
+app.command("assay")(assay)
 app.command("report")(report)
 app.command("demo")(demo)
 
