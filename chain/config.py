@@ -130,6 +130,17 @@ class MetricsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AssayConfig:
+    """The selection assay's reference set: for every condition and iteration k >= 1, `images` more images
+    from the same M_k with the same prompts and per-image seeds as the first `images` guided ones, at the
+    constant guidance scale `reference_scale` (1 = the unguided model: the conditional pass only). Measured
+    and stored (hf_power_reference), never trained on. images = 0 (the default) switches it off."""
+
+    images: int = 0
+    reference_scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ConditionConfig:
     """One condition of a run: a guidance schedule and a condition-drop probability."""
 
@@ -147,6 +158,7 @@ class ChainConfig:
     finetune: FinetuneConfig = FinetuneConfig()
     sampling: SamplingConfig = SamplingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    assay: AssayConfig = AssayConfig()
 
     def validate(self, where: str = "config") -> None:
         """Range checks across fields; raises ConfigError naming the field."""
@@ -188,6 +200,10 @@ class ChainConfig:
             bad("metrics.phenotype_tau", "must lie in [0, 1/sqrt(2)) cycles/pixel (0.02 at 256 pixels)")
         if self.sampling.images_per_prompt < 1:
             bad("sampling.images_per_prompt", "must be >= 1")
+        if self.assay.images < 0:
+            bad("assay.images", "must be >= 0 (0 = no reference set)")
+        if not (self.assay.reference_scale >= 0.0 and math.isfinite(self.assay.reference_scale)):
+            bad("assay.reference_scale", "must be a finite number >= 0 (1 = unguided)")
         if not self.conditions:
             bad("conditions", "needs at least one [[conditions]] table")
         names = [c.name for c in self.conditions]
@@ -357,6 +373,8 @@ def config_to_dict(config: ChainConfig) -> dict:
     for f in dataclasses.fields(config):
         if f.name == "conditions":
             continue
+        if f.name == "assay" and config.assay == AssayConfig():
+            continue  # off: configs (and run folders) written before the assay existed read back unchanged
         doc[f.name] = plain(getattr(config, f.name))
     doc["conditions"] = [
         {"name": c.name, "condition_drop": c.condition_drop, **schedule_to_table(c.guidance)} for c in config.conditions

@@ -6,14 +6,16 @@
 
 Entry point: `run_chain(config, out_dir)`. A run directory holds config.toml (resolved), metrics.nc,
 images/<condition>/<iteration>/<image>.png, lora/<condition>/<iteration>/ (diffusers layout), log.jsonl and,
-for a "tiny" model, base_model/. Rerunning continues where it stopped: finished cells are read back, the
-images a later iteration trains on are always read from their PNG files (also in an uninterrupted run), and
+for a "tiny" model, base_model/; with the selection assay on ([assay] images > 0) also the reference sets,
+images_reference/<condition>/<iteration>/<image>.png (see `reference_set`). Rerunning continues where it
+stopped: finished cells are read back, the images a later iteration trains on are always read from their PNG
+files (also in an uninterrupted run), and
 every random draw comes from generators seeded by (run seed, condition, iteration, image), so an interrupted
 and resumed run gives the same metrics as an uninterrupted one (on the same device).
 
 Reading order: `run_chain` (the loop) calls `open_run` (resume checks, config.toml, D_0, the base model,
 metrics.nc with its provenance), `record_originals` (D_0 as iteration 0) and `run_cell` for every
-(condition, iteration) not yet finished (train, generate, save, measure, record).
+(condition, iteration) not yet finished (train, generate, save, the assay's reference set, measure, record).
 
 The finetune+generate stage is injectable (`stages=`): any callable IterationJob -> IterationResult, so the
 loop runs with stand-ins (tests use one that blurs its input). Progress is reported through callbacks the
@@ -40,10 +42,10 @@ from chain.config import ChainConfig, ConditionConfig, config_to_toml
 from chain.data import CaptionedDataset, load_captioned_folder
 from chain.errors import RunError
 from chain.images import load_image, save_image
-from chain.measure import Measurer, build_clip, build_encoder
+from chain.measure import Measurer, build_clip, build_encoder, measure
 from chain.sampling import image_seed, make_generator
 from qtmio.atomic import write_text_atomic
-from qtmio.contract import METRICS_FILE
+from qtmio.contract import METRICS_FILE, REFERENCE_PHENOTYPE
 from qtmio.images import list_images
 from qtmio.netcdf import read_netcdf, write_netcdf
 from qtmio.provenance import provenance
@@ -186,6 +188,87 @@ class DiffusionStages:
             guidance_diff_norm=norms.mean(dim=0).numpy(),
             latent_histogram=counts,
         )
+
+    def reference(self, job: IterationJob, count: int, scale: float) -> torch.Tensor:
+        """The reference set of `job` (generate_reference), generated like the guided images."""
+        return generate_reference(self.base, job, count=count, scale=scale, accelerator=self.accelerator)
+
+
+# ------------------------------------------------------------------------------------------------ the assay's reference set
+
+
+def generate_reference(base, job: IterationJob, *, count: int, scale: float, accelerator) -> torch.Tensor:
+    """Images (count, 3, R, R) in [0, 1] from M_k rebuilt as a copy of the pristine M_0 with the adapter saved
+    in job.lora_dir (bit-exact, chain.lora.load_lora), for the first `count` prompts and seeds of the job (the
+    guided images' own seeds, so reference image i and guided image i share their initial and ancestral
+    noise), at the constant guidance scale `scale`; at scale 1 the unconditional pass is not made
+    (e = e_c, the CFG formula at s = 1 up to rounding)."""
+    from accelerate.utils import gather_object
+
+    from chain.guidance import Constant
+    from chain.lora import add_lora, load_lora
+    from chain.sampling import generate
+
+    cfg = job.config
+    model = base.copy()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.finetune.mixed_precision, torch.float32)
+    for module in (model.unet, model.text_encoder, model.vae):  # as chain.finetune leaves M_k
+        if module is not None:
+            module.requires_grad_(False)
+            module.to(accelerator.device)
+    for module in (model.unet, model.text_encoder):
+        if next(module.parameters()).dtype != weight_dtype:
+            module.to(dtype=weight_dtype)
+    add_lora(model.unet, model.text_encoder, cfg.finetune, generator=make_generator(0))  # then overwritten
+    load_lora(job.lora_dir, model.unet, model.text_encoder)
+    model.unet.eval()
+    model.text_encoder.eval()
+    indices = list(range(count))
+    with accelerator.split_between_processes(indices) as mine:
+        gen = generate(
+            model, [job.prompts[i] for i in mine], [job.seeds[i] for i in mine], Constant(scale),
+            num_steps=cfg.sampling.num_steps, resolution=cfg.data.resolution, clip_skip=cfg.finetune.clip_skip,
+            batch_size=cfg.sampling.batch_size, unconditional=scale != 1.0,
+        )
+        parts = gather_object([(list(mine), gen.images)])
+    order = [i for part in parts for i in part[0]]
+    return torch.cat([p[1] for p in parts])[np.argsort(order)]
+
+
+def _reference_dir(out_dir: Path, condition: str, iteration: int) -> Path:
+    return out_dir / "images_reference" / condition / str(iteration)
+
+
+def reference_set(stages, job: IterationJob, out_dir: Path, *, is_main: bool) -> np.ndarray | None:
+    """The selection assay's reference set of one (condition, iteration >= 1): generated by
+    `stages.reference(job, count, scale)`, written to images_reference/<condition>/<k>/ (never part of a
+    training set), read back and measured like the guided images. Returns the phenotypes (count,), None
+    when the assay is off (assay.images = 0) or on processes other than the main one."""
+    assay = job.config.assay
+    if assay.images == 0:
+        return None
+    count = assay.images
+    if count > len(job.prompts):
+        raise RunError(
+            f"assay.images = {count} but an iteration holds {len(job.prompts)} images: the reference set takes "
+            "the first assay.images prompts; lower assay.images"
+        )
+    make = getattr(stages, "reference", None)
+    if make is None:
+        raise RunError("assay.images > 0 needs a stage with a reference(job, count, scale) method; "
+                       "set assay.images = 0 or give the stage one")
+    images = make(job, count, assay.reference_scale)
+    if images.shape[0] != count:
+        raise RunError(f"reference stage returned {images.shape[0]} images, expected {count}")
+    if not is_main:
+        return None
+    folder = _reference_dir(out_dir, job.condition.name, job.iteration)
+    for i, image in enumerate(images):
+        save_image(image, folder / f"{i:05d}.png")
+    paths = list_images(folder)
+    written = torch.stack([load_image(p) for p in paths[:count]])
+    cfg = job.config
+    return measure(written, encoder=None, batch_size=cfg.metrics.batch_size, tau=cfg.metrics.phenotype_tau).hf_power
 
 
 # ------------------------------------------------------------------------------------------------ the run folder
@@ -354,10 +437,12 @@ def open_run(config: ChainConfig, out_dir: str | Path, *, encoder=None, stages: 
     num_images = len(originals) * config.sampling.images_per_prompt
     path = out_dir / METRICS_FILE
     if path.exists():
-        metrics = read_netcdf(path)
+        metrics = store.with_reference(read_netcdf(path))
         _check_resumed_metrics(config, metrics, path, num_images)
     else:
         metrics = _new_metrics(config, num_images, measurer.encoder)
+    if config.assay.images:
+        metrics[REFERENCE_PHENOTYPE].attrs["reference_scale"] = config.assay.reference_scale
     return Run(config, out_dir, accelerator, originals, stages, measurer, log, metrics)
 
 
@@ -423,8 +508,8 @@ def record_originals(run: Run) -> None:
 
 def run_cell(run: Run, condition: ConditionConfig, k: int) -> None:
     """One (condition, iteration k >= 1): M_k = Finetune(M_0, D_{k-1}), D_k = Generate(M_k) by the stages;
-    the main process saves D_k as PNG, measures what was written (the data the next iteration trains on)
-    and records the cell in metrics.nc."""
+    the main process saves D_k as PNG; with the assay on, the reference set of M_k (`reference_set`); then
+    it measures what was written (the data the next iteration trains on) and records the cell in metrics.nc."""
     t0 = time.perf_counter()
     config, out_dir, seed = run.config, run.out_dir, run.config.run.seed
     prompts = run.prompts
@@ -446,15 +531,20 @@ def run_cell(run: Run, condition: ConditionConfig, k: int) -> None:
         folder = _image_dir(out_dir, condition.name, k)
         for i, image in enumerate(result.images):
             save_image(image, folder / f"{i:05d}.png")
+    # the cell is marked completed only with its reference set: a run stopped in between redoes both
+    hf_reference = reference_set(run.stages, job, out_dir, is_main=run.is_main)
+    if run.is_main:
         # Measure what was written (8-bit PNG), the same data the next iteration trains on.
         written = _read_iteration_images(out_dir, condition.name, k, num_images)
         mk, metrics = run.measurer(written, list(prompts), images_per_prompt=run.images_per_prompt)
         run.record(condition.name, k, hf_power=mk.hf_power, radial_psd=mk.radial_psd, angular_psd=mk.angular_psd,
                    metrics=metrics, train_loss=result.train_loss, guidance_scale=result.guidance_scale,
-                   guidance_diff_norm=result.guidance_diff_norm, latent_histogram=result.latent_histogram)
+                   guidance_diff_norm=result.guidance_diff_norm, latent_histogram=result.latent_histogram,
+                   hf_power_reference=hf_reference)
         run.log.event("iteration_done", condition=condition.name, iteration=k, seconds=time.perf_counter() - t0,
                       train_loss=result.train_loss, hf_power_mean=_finite_mean(mk.hf_power),
-                      num_undefined=int(np.isnan(mk.hf_power).sum()), **metrics)
+                      num_undefined=int(np.isnan(mk.hf_power).sum()), **metrics,
+                      **({} if hf_reference is None else {"hf_power_reference_mean": _finite_mean(hf_reference)}))
     run.accelerator.wait_for_everyone()
     if not run.is_main:
         run.metrics = read_netcdf(run.metrics_path)

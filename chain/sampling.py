@@ -9,7 +9,13 @@ Per step i with timestep t_i and noise level sigma_i (diffusers EulerAncestralDi
 The loop is the same arithmetic, in the same order, as StableDiffusionPipeline's, so with equal generators
 both give equal latents (tests check it); unlike the pipeline it also returns both noise predictions' gap
 |e_c - e_u| per step (Appendix G.1) and the final latents (Appendix G.2). With scale 1 the pipeline skips the
-unconditional pass; this loop always makes it (the result differs only by rounding).
+unconditional pass; this loop makes it unless asked not to (`unconditional=False`: then e = e_c, which is the
+CFG formula at s = 1 up to rounding, and the gap norm is NaN).
+
+`generate` runs the loop on a float32 UNet in its inference layout (`inference_layout`): LoRA adapters merged
+into the weights they adapt (W + (alpha/r) B A, one matrix product per layer instead of three) and
+convolution weights in channels_last memory order; both are undone exactly afterwards. The images equal
+those of the plain module up to float32 rounding (tests check it).
 
 One CPU torch.Generator per image (seeded by `image_seed`) draws that image's initial and ancestral noise,
 so an image does not depend on the batch it is generated in.
@@ -17,6 +23,7 @@ so an image does not depend on the batch it is generated in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 
@@ -66,17 +73,23 @@ def sample_latents(
     num_steps: int,
     latent_shape: tuple[int, int, int],
     generator: list[torch.Generator],
+    unconditional: bool = True,
 ) -> SampleResult:
     """The Euler-ancestral CFG loop for a batch: B = len(generator) images, embeddings (B, L, D) each
-    (an unconditional embedding with batch 1 is broadcast)."""
+    (an unconditional embedding with batch 1 is broadcast). unconditional=False: the conditional pass only,
+    e = e_c (the loop at s = 1 without the unconditional half; uncond_embeddings is ignored, the gap norm NaN)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     unet = unwrap(unet)
     device, dtype = next(unet.parameters()).device, cond_embeddings.dtype
     b = len(generator)
-    if uncond_embeddings.shape[0] == 1 and b > 1:
-        uncond_embeddings = uncond_embeddings.expand(b, -1, -1)
-    embeddings = torch.cat([uncond_embeddings, cond_embeddings]).to(device)
+    if not unconditional:
+        embeddings = cond_embeddings.to(device)
+    else:
+        if uncond_embeddings.shape[0] == 1 and b > 1:
+            uncond_embeddings = uncond_embeddings.expand(b, -1, -1)
+        embeddings = torch.cat([uncond_embeddings, cond_embeddings]).to(device)
+    passes = 2 if unconditional else 1
     scheduler = sampling_scheduler(scheduler_config, num_steps, device)
     gens = generator if b > 1 else generator[0]
     latents = randn_tensor((b, *latent_shape), generator=gens, device=device, dtype=dtype)
@@ -88,15 +101,57 @@ def sample_latents(
     sigmas = scheduler.sigmas.detach().cpu().tolist()
     for i, t in enumerate(scheduler.timesteps):
         sigma = float(sigmas[i])
-        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        model_input = scheduler.scale_model_input(torch.cat([latents] * passes), t)
         pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
-        pred_uncond, pred_cond = pred.chunk(2)
         scale = schedule.scale(i, len(scheduler.timesteps), sigma)
         scales[i] = scale
-        noise_pred = pred_uncond + scale * (pred_cond - pred_uncond)
-        norms[:, i] = (pred_cond - pred_uncond).flatten(1).double().norm(dim=1)
+        if unconditional:
+            pred_uncond, pred_cond = pred.chunk(2)
+            noise_pred = pred_uncond + scale * (pred_cond - pred_uncond)
+            norms[:, i] = (pred_cond - pred_uncond).flatten(1).double().norm(dim=1)
+        else:
+            noise_pred = pred
+            norms[:, i] = float("nan")
         latents = scheduler.step(noise_pred, t, latents, generator=gens, return_dict=False)[0]
     return SampleResult(latents.float().cpu(), norms.cpu(), scales)
+
+
+def _lora_layers(module) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def inference_layout(unet, *, merge_lora: bool = True, channels_last: bool = True):
+    """Within the block, `unet` computes the same function up to float32 rounding, faster on a CPU:
+    its active LoRA adapters merged into the base weights (W' = W + (alpha/r) B A, peft's `merge`) and its
+    4-D weights in channels_last order. Afterwards the base weights are restored bit for bit (saved copies,
+    not W' - BA) and the memory order is contiguous again. Merging applies to float32 weights only (a
+    half-precision W + BA would lose the adapter's update to rounding); nothing is merged under autograd."""
+    unet = unwrap(unet)
+    saved = []
+    merge = merge_lora and next(unet.parameters()).dtype == torch.float32 and not torch.is_grad_enabled()
+    layers = [m for m in _lora_layers(unet) if not m.merged and not m.disable_adapters] if merge else []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                saved.append((layer, base, base.weight.detach().clone(),
+                              None if base.bias is None else base.bias.detach().clone()))
+                layer.merge()
+            if channels_last:
+                unet.to(memory_format=torch.channels_last)
+        yield unet
+    finally:
+        with torch.no_grad():
+            if channels_last:
+                unet.to(memory_format=torch.contiguous_format)
+            for layer, base, weight, bias in saved:
+                layer.merged_adapters.clear()
+                base.weight.copy_(weight)
+                if bias is not None:
+                    base.bias.copy_(bias)
 
 
 @torch.no_grad()
@@ -131,9 +186,12 @@ def generate(
     clip_skip: int,
     batch_size: int,
     on_batch=None,
+    unconditional: bool = True,
+    fast: bool = True,
 ) -> GenerationResult:
     """One image per (prompt, seed) pair, in batches of `batch_size`; prompts embedded with CLIP skip, the
-    unconditional embedding is that of "" through the same (finetuned) text encoder."""
+    unconditional embedding is that of "" through the same (finetuned) text encoder. unconditional=False:
+    conditional pass only (see sample_latents). fast=False: the UNet as given, without `inference_layout`."""
     if len(prompts) != len(seeds):
         raise ValueError("generate: one seed per prompt")
     side = resolution // model.vae_scale_factor
@@ -146,20 +204,22 @@ def generate(
     uncond = encode_prompts(te, model.tokenizer, [""], clip_skip=clip_skip, max_length=max_length)
     images, latents, norms = [], [], []
     scales = np.zeros(num_steps)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        cond = encode_prompts(te, model.tokenizer, chunk, clip_skip=clip_skip, max_length=max_length)
-        gens = [make_generator(s) for s in seeds[start : start + batch_size]]
-        result = sample_latents(
-            model.unet, model.scheduler_config, cond, uncond, schedule,
-            num_steps=num_steps, latent_shape=latent_shape, generator=gens,
-        )
-        images.append(decode(model, result.latents))
-        latents.append(result.latents)
-        norms.append(result.guidance_diff_norm)
-        scales = result.scales
-        if on_batch is not None:
-            on_batch(len(chunk))
+    layout = inference_layout(model.unet) if fast else contextlib.nullcontext(model.unet)
+    with torch.no_grad(), layout as unet:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            cond = encode_prompts(te, model.tokenizer, chunk, clip_skip=clip_skip, max_length=max_length)
+            gens = [make_generator(s) for s in seeds[start : start + batch_size]]
+            result = sample_latents(
+                unet, model.scheduler_config, cond, uncond, schedule,
+                num_steps=num_steps, latent_shape=latent_shape, generator=gens, unconditional=unconditional,
+            )
+            images.append(decode(model, result.latents))
+            latents.append(result.latents)
+            norms.append(result.guidance_diff_norm)
+            scales = result.scales
+            if on_batch is not None:
+                on_batch(len(chunk))
     return GenerationResult(torch.cat(images), torch.cat(latents), torch.cat(norms), scales)
 
 

@@ -12,7 +12,9 @@ Extras: completed (condition, iteration; 1 once that cell is final), train_loss 
 tenth of the finetuning steps), num_images,
 guidance_scale and guidance_diff_norm (condition, iteration, step; Appendix G.1: the mean over images of
 |e_cond - e_uncond|), latent_histogram (condition, iteration, latent_bin; Appendix G.2) with
-latent_bin_edges, image_prompt (image).
+latent_bin_edges, image_prompt (image), hf_power_reference (condition, iteration, image; the selection
+assay's reference set, chain.config.AssayConfig: NaN at iteration 0 and wherever not produced; a file written
+before it existed gains it, all NaN, through `with_reference`).
 
 The file is written and read with qtmio.netcdf (write_netcdf, read_netcdf): atomically, so a reader or a
 killed writer never sees a half-written file.
@@ -62,6 +64,7 @@ def empty_dataset(
         "cfg_schedule": (("condition",), np.array(cfg_schedule, dtype=object)),
         "condition_drop": (("condition",), np.asarray(condition_drop, dtype=np.float64)),
         "hf_power": (("condition", "iteration", "image"), full(c, k, n)),
+        "hf_power_reference": (("condition", "iteration", "image"), full(c, k, n)),
         "radial_psd": (("condition", "iteration", "frequency"), full(c, k, len(frequencies))),
         "angular_psd": (("condition", "iteration", "angle"), full(c, k, len(angles))),
         **{name: (("condition", "iteration"), full(c, k)) for name in METRIC_NAMES},
@@ -76,9 +79,26 @@ def empty_dataset(
     }
     ds = xr.Dataset(data, coords=coords, attrs={"schema_version": SCHEMA_VERSION, **attrs})
     ds["hf_power"].attrs["description"] = "phenotype of each image (chain.spectra); NaN = not produced"
+    _describe_reference(ds)
     ds["guidance_diff_norm"].attrs["description"] = "mean over images of the L2 norm of e_cond - e_uncond"
     ds["latent_histogram"].attrs["description"] = "counts of final latent values (all images) per bin"
     ds["completed"].attrs["description"] = "1 once the (condition, iteration) cell is final"
+    return ds
+
+
+def _describe_reference(ds: xr.Dataset) -> None:
+    ds["hf_power_reference"].attrs["description"] = (
+        "phenotype of the reference image of the same prompt and seed from the same model at the assay's "
+        "reference scale (never trained on); NaN = not produced")
+
+
+def with_reference(ds: xr.Dataset) -> xr.Dataset:
+    """`ds` with hf_power_reference (all NaN) added if it lacks it (a file written before the assay)."""
+    if "hf_power_reference" in ds:
+        return ds
+    ds = ds.copy()
+    ds["hf_power_reference"] = xr.full_like(ds["hf_power"], np.nan)
+    _describe_reference(ds)
     return ds
 
 
@@ -95,9 +115,11 @@ def record(
     guidance_scale: np.ndarray | None = None,
     guidance_diff_norm: np.ndarray | None = None,
     latent_histogram: np.ndarray | None = None,
+    hf_power_reference: np.ndarray | None = None,
 ) -> xr.Dataset:
     """A copy of `ds` with one (condition, iteration) cell filled and marked completed. condition=None fills
-    that iteration for every condition (iteration 0: the same real data for all)."""
+    that iteration for every condition (iteration 0: the same real data for all). hf_power_reference: the
+    phenotypes of the reference set (images 0 .. len - 1), if one was made."""
     ds = ds.copy(deep=True)
     conditions = list(ds.condition.values) if condition is None else [condition]
     n = len(hf_power)
@@ -120,6 +142,13 @@ def record(
             ds["guidance_diff_norm"].loc[at] = guidance_diff_norm
         if latent_histogram is not None:
             ds["latent_histogram"].loc[at] = latent_histogram
+        if hf_power_reference is not None:
+            if len(hf_power_reference) > ds.sizes["image"]:
+                raise ValueError(f"{len(hf_power_reference)} reference images but the image dimension has "
+                                 f"{ds.sizes['image']}")
+            ref = np.full(ds.sizes["image"], np.nan)
+            ref[: len(hf_power_reference)] = hf_power_reference
+            ds["hf_power_reference"].loc[at] = ref
         ds["completed"].loc[at] = 1
     return ds
 

@@ -9,6 +9,10 @@ A run folder holds `metrics.nc` (METRICS_FILE): one dataset with
   produced), or the summary trio `hf_power_mean`, `hf_power_std`, `num_images` (condition, iteration;
   `hf_power_std` is the sample sd, ddof 1, unless the variable carries the attribute ddof = 0).
 
+Optional: `hf_power_reference` (REFERENCE_PHENOTYPE; condition, iteration, image), the phenotypes of the
+selection assay's reference set (images of the same model, prompts and seeds at the constant guidance scale
+given by its attribute `reference_scale`, never trained on; NaN = not produced). `read_reference` checks it.
+
 That is all a reader may rely on, so a dataset written by hand with plain xarray qualifies. The chain
 writes more (chain.store: the CFG settings per condition, spectra, feature metrics, diagnostics), and
 trajectories carry the same schema version; a fit (fit.nc beside metrics.nc) has its own,
@@ -34,6 +38,8 @@ FIT_SCHEMA_VERSION = 1
 METRICS_FILE = "metrics.nc"
 FIT_FILE = "fit.nc"
 PHENOTYPE = "hf_power"
+REFERENCE_PHENOTYPE = "hf_power_reference"
+"""Optional per-image phenotype of the selection assay's reference set (module docstring)."""
 SUMMARY_VARIABLES = ("hf_power_mean", "hf_power_std", "num_images")
 CONDITION_VARIABLES = ("cfg_scale", "cfg_schedule", "condition_drop")
 """Per condition (written by the chain, not required): the CFG scale, the schedule's name, the condition drop."""
@@ -118,6 +124,20 @@ def read_phenotypes(ds: Any, *, source: str = "<dataset>") -> Phenotypes:
         raise ContractError(f"{source}: variable '{missing[0]}' is missing; the summary-only form needs all of "
                             f"{', '.join(SUMMARY_VARIABLES)} over (condition, iteration)")
     return _summary(ds, conditions, iterations, order, source)
+
+
+def read_reference(ds: Any, *, source: str = "<dataset>") -> np.ndarray | None:
+    """The optional reference phenotypes `hf_power_reference` (C, I, N) in the dataset's condition order and
+    increasing iteration order (as read_phenotypes), or None when the dataset has none. Values must be NaN or
+    finite and >= 0 (all NaN is allowed: a run without the assay)."""
+    if REFERENCE_PHENOTYPE not in ds.data_vars:
+        return None
+    order = np.argsort(np.asarray(ds["iteration"].values), kind="stable")
+    x = _ordered(ds[REFERENCE_PHENOTYPE], ("condition", "iteration", "image"), source, REFERENCE_PHENOTYPE)[:, order]
+    if np.any(np.isinf(x)) or np.any(x < 0):
+        raise ContractError(f"{source}: variable '{REFERENCE_PHENOTYPE}' holds infinite or negative values; the "
+                            "phenotype is a power fraction >= 0, NaN for images not produced")
+    return x
 
 
 def check_schema(ds: Any, source: str) -> None:

@@ -98,3 +98,73 @@ def test_latent_histogram_counts_everything():
     counts, edges = latent_histogram(x, 4, 2.0)
     np.testing.assert_array_equal(edges, [-2, -1, 0, 1, 2])
     np.testing.assert_array_equal(counts, [1, 1, 2, 1])
+
+
+def _model_with_lora(latent: bool, seed: int = 6):
+    """A tiny model with a UNet adapter whose B matrices are non-zero (a trained-looking adapter)."""
+    from chain.config import FinetuneConfig
+    from chain.lora import add_lora
+
+    model = make_tiny_base_model(TinyModelConfig(latent=latent, seed=seed), resolution=16)
+    add_lora(model.unet, model.text_encoder, FinetuneConfig(rank=4, alpha=2.0), generator=make_generator(seed))
+    g = make_generator(seed + 1)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("latent", [True, False])
+def test_inference_layout_gives_the_plain_images_and_restores_the_model(latent):
+    """Merged adapters + channels_last against the plain peft module: equal up to float32 rounding (the
+    adapter's product is summed in another order); the base weights are bit-identical afterwards."""
+    from peft.tuners.lora import LoraLayer
+
+    model = _model_with_lora(latent)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    seeds = [image_seed(0, "c", 1, i) for i in range(3)]
+    kw = dict(num_steps=4, resolution=16, clip_skip=2, batch_size=3)
+    plain = generate(model, PROMPTS, seeds, Constant(7.5), fast=False, **kw)
+    fast = generate(model, PROMPTS, seeds, Constant(7.5), fast=True, **kw)
+    torch.testing.assert_close(fast.latents, plain.latents, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(fast.guidance_diff_norm, plain.guidance_diff_norm, rtol=1e-4, atol=1e-6)
+    # the adapter is non-zero (test_adapter_changes_images: it moves the images far beyond the tolerance)
+    for name, p in model.unet.named_parameters():
+        if "lora_B" in name:
+            assert p.abs().max() > 0
+    after = model.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.is_contiguous() for p in model.unet.parameters())
+    assert not any(m.merged for m in model.unet.modules() if isinstance(m, LoraLayer))
+    # the restored module still gives the plain images exactly
+    again = generate(model, PROMPTS, seeds, Constant(7.5), fast=False, **kw)
+    assert torch.equal(again.latents, plain.latents)
+
+
+def test_adapter_changes_images():
+    """Guard for the test above: the non-zero adapter moves the images far beyond its tolerance."""
+    model = _model_with_lora(True)
+    seeds = [image_seed(0, "c", 1, i) for i in range(3)]
+    kw = dict(num_steps=4, resolution=16, clip_skip=2, batch_size=3)
+    with_adapter = generate(model, PROMPTS, seeds, Constant(7.5), fast=False, **kw)
+    model.unet.disable_adapters()
+    without = generate(model, PROMPTS, seeds, Constant(7.5), fast=False, **kw)
+    assert (with_adapter.latents - without.latents).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("latent", [True, False])
+def test_conditional_pass_only_equals_cfg_at_scale_one(latent):
+    """e_u + 1 (e_c - e_u) = e_c up to rounding: the loop without its unconditional half gives the CFG
+    loop's images at s = 1; its gap norm is NaN (not measured)."""
+    model = make_tiny_base_model(TinyModelConfig(latent=latent, seed=3), resolution=16)
+    seeds = [image_seed(1, "ref", 2, i) for i in range(3)]
+    kw = dict(num_steps=5, resolution=16, clip_skip=2, batch_size=2)
+    cfg = generate(model, PROMPTS, seeds, Constant(1.0), **kw)
+    cond = generate(model, PROMPTS, seeds, Constant(1.0), unconditional=False, **kw)
+    torch.testing.assert_close(cond.latents, cfg.latents, rtol=1e-3, atol=1e-4)
+    assert torch.isnan(cond.guidance_diff_norm).all() and torch.isfinite(cfg.guidance_diff_norm).all()
+    np.testing.assert_array_equal(cond.scales, cfg.scales)
+    # at another scale the two differ at O(1): the test above can fail
+    cfg3 = generate(model, PROMPTS, seeds, Constant(3.0), **kw)
+    assert (cfg3.latents - cond.latents).abs().max() > 1e-2

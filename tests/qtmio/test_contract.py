@@ -9,8 +9,8 @@ import xarray as xr
 
 from chain import store
 from fitting.observations import load_observations
-from qtmio.contract import (CONDITION_VARIABLES, METRIC_NAMES, METRICS_FILE, PHENOTYPE, SCHEMA_VERSION,
-                            read_phenotypes, results_file)
+from qtmio.contract import (CONDITION_VARIABLES, METRIC_NAMES, METRICS_FILE, PHENOTYPE, REFERENCE_PHENOTYPE,
+                            SCHEMA_VERSION, read_phenotypes, read_reference, results_file)
 from qtmio.errors import ContractError
 from qtmio.netcdf import write_netcdf
 
@@ -124,3 +124,21 @@ def test_results_file_of_a_run_folder(tmp_path):
     (tmp_path / METRICS_FILE).write_bytes(b"")
     assert results_file(tmp_path) == tmp_path / METRICS_FILE
     assert results_file(tmp_path / METRICS_FILE) == tmp_path / METRICS_FILE
+
+
+def test_reference_phenotypes_are_optional_and_read_in_iteration_order():
+    """hf_power_reference: absent -> None; recorded values come back at their (condition, iteration, image),
+    the images after the reference set NaN; iterations stored out of order are read in increasing order."""
+    ds = _empty(num_iterations=2, num_images=4)
+    assert read_reference(ds.drop_vars(REFERENCE_PHENOTYPE)) is None
+    ds = _record(ds, None, 0, np.full(4, 0.1))
+    ds = store.record(ds, condition="cfg7.5", iteration=2, hf_power=np.full(4, 0.2), radial_psd=np.full(5, 0.2),
+                      angular_psd=np.full(16, 1 / 16), hf_power_reference=np.array([0.3, 0.4]))
+    x = read_reference(ds.isel(iteration=[2, 0, 1]))
+    assert x.shape == (3, 3, 4)
+    np.testing.assert_array_equal(x[1, 2], [0.3, 0.4, np.nan, np.nan])
+    assert np.isnan(np.delete(x.reshape(-1), [1 * 12 + 2 * 4, 1 * 12 + 2 * 4 + 1])).all()
+    bad = ds.copy(deep=True)
+    bad[REFERENCE_PHENOTYPE][0, 1, 0] = -1.0
+    with pytest.raises(ContractError, match=REFERENCE_PHENOTYPE):
+        read_reference(bad, source="m.nc")

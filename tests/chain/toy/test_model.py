@@ -99,7 +99,9 @@ def test_sampler_matches_diffusers_step_and_is_batch_independent(model):
     prompts = ["a blue square on a gray background", "a green triangle with fine checks on a white background"]
     ours = sample_images(model, prompts, seeds=[7, 8], num_steps=6, cfg_scale=3.0)
     alone = sample_images(model, prompts[1:], seeds=[8], num_steps=6, cfg_scale=3.0)
-    torch.testing.assert_close(ours[1:], alone, atol=1e-5, rtol=0)
+    # equal up to float32 rounding of batched kernels (channels_last convolutions depend on the batch size
+    # at the 1e-5 level), as in tests/test_chain_sampling.py
+    torch.testing.assert_close(ours[1:], alone, atol=1e-4, rtol=0)
     # Reference: diffusers' own scheduler step, one image, its generator passed to step(), embeddings by hand.
     g = torch.Generator().manual_seed(7)
     sched = EulerAncestralDiscreteScheduler.from_config(model.scheduler_config)
