@@ -71,7 +71,8 @@ class TinyModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """M_0: a diffusers-format folder or HF cache id (offline), or "tiny" (built from `tiny`)."""
+    """M_0: a diffusers-format folder or HF cache id (offline), "tiny" (built from `tiny`), or "toy" (the
+    committed toy base model of chain.toy, pretrained on the toy world's D_0 at 32 x 32)."""
 
     path: str
     vae: str = ""  # a fixed external VAE (folder or HF id), e.g. sd-vae-ft-mse; "" = the model's own
@@ -120,7 +121,7 @@ class SamplingConfig:
 class MetricsConfig:
     """Optional feature metrics; "" switches one off (its variables stay NaN)."""
 
-    encoder: str = ""  # "" | "dinov2:<folder or HF id>"
+    encoder: str = ""  # "" | "dinov2:<folder or HF id>" | "toy" (chain.toy's feature encoder)
     clip_model: str = ""  # "" | a CLIP folder or HF id for clip_score
     recall_k: int = 5
     batch_size: int = 32
@@ -330,7 +331,7 @@ def config_from_dict(data: dict, *, where: str = "config", base_dir: Path | None
 
 def _resolve_paths(config: ChainConfig, base_dir: Path) -> ChainConfig:
     def resolve(p: str) -> str:
-        if not p or p == "tiny" or Path(p).is_absolute():
+        if not p or p in ("tiny", "toy") or Path(p).is_absolute():
             return p
         candidate = (base_dir / p).resolve()
         # An HF id ("org/name") stays as it is unless such a folder exists next to the config.

@@ -104,13 +104,18 @@ class Measurer:
 
 
 def build_encoder(config: ChainConfig, device):
-    """The feature encoder of `metrics.encoder` ("dinov2:<folder or HF id>"), or None when it is ""."""
+    """The feature encoder of `metrics.encoder` ("dinov2:<folder or HF id>", or "toy": chain.toy's committed
+    encoder), or None when it is ""."""
     spec = config.metrics.encoder
     if not spec:
         return None
+    if spec == "toy":
+        from chain.toy import load_toy_encoder
+
+        return load_toy_encoder(device=device)
     kind, _, name = spec.partition(":")
     if kind != "dinov2" or not name:
-        raise RunError(f"metrics.encoder {spec!r}: expected 'dinov2:<folder or HF id>' or ''")
+        raise RunError(f"metrics.encoder {spec!r}: expected 'dinov2:<folder or HF id>', 'toy' or ''")
     from chain.features import Dinov2Encoder
 
     try:

@@ -289,7 +289,8 @@ def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
 
 
 def resolve_base_model(config: ChainConfig, out_dir: Path):
-    """Load M_0 (offline). model.path = "tiny" builds the tiny model once into out_dir/base_model/."""
+    """Load M_0 (offline). model.path = "tiny" builds the tiny model once into out_dir/base_model/; "toy" is
+    the committed toy base model (chain.toy.toy_base_model_dir)."""
     from chain.models import ModelConfig, load_base_model, make_tiny_base_model, save_base_model
 
     if config.model.path == "tiny":
@@ -297,6 +298,10 @@ def resolve_base_model(config: ChainConfig, out_dir: Path):
         if not folder.is_dir():
             save_base_model(make_tiny_base_model(config.model.tiny, resolution=config.data.resolution), folder)
         return load_base_model(ModelConfig(path=str(folder), vae=config.model.vae))
+    if config.model.path == "toy":
+        from chain.toy import toy_base_model_dir
+
+        return load_base_model(ModelConfig(path=str(toy_base_model_dir()), vae=config.model.vae))
     return load_base_model(config.model)
 
 
