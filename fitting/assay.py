@@ -25,6 +25,7 @@ returns an `AssayResult`; `assay_dataset` and `assay_json` turn it into assay.nc
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from pathlib import Path
@@ -33,19 +34,19 @@ from typing import Any
 import numpy as np
 from scipy import special, stats
 
-PHENOTYPE = "hf_power"
+from fitting.errors import AssayError
+from fitting.observations import read_run, sample_moments
+from qtmio.contract import PHENOTYPE
+
 REFERENCE = "hf_power_reference"
-SCHEMA_VERSION = 1
+"""The reference set's per-image phenotype (condition, iteration, image) in metrics.nc."""
 ASSAY_SCHEMA_VERSION = 1
+PACKAGES = ("qtm", "numpy", "scipy", "xarray", "h5netcdf")
 MODELS = ("truncation", "shift", "scale", "none")
 MODEL_NUM_PARAMS = {"truncation": 4, "shift": 3, "scale": 3, "none": 2}
 CELL_QUANTITIES = ("r1", "r2", "r1_empirical", "r2_empirical", "selection_differential")
 ITERATION_QUANTITIES = CELL_QUANTITIES + ("response", "heritability", "cumulative_selection_differential",
                                           "cumulative_response")
-
-
-class AssayError(ValueError):
-    """A dataset the assay cannot read; the message names the file, the variable and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +64,14 @@ class AssayConfig:
     min_images: int = 3
 
     def validate(self) -> None:
+        """Raise AssayError naming the field ({field} templates: a shell may show its own flag)."""
         if self.num_bootstrap < 2:
-            raise ValueError(f"num_bootstrap must be >= 2; got {self.num_bootstrap}")
+            raise AssayError(f"{{num_bootstrap}} must be >= 2; got {self.num_bootstrap}",
+                             parameters=("num_bootstrap",))
         if not 0.0 < self.confidence < 1.0:
-            raise ValueError(f"confidence must lie in (0, 1); got {self.confidence}")
+            raise AssayError(f"{{confidence}} must lie in (0, 1); got {self.confidence}", parameters=("confidence",))
         if self.min_images < 2:
-            raise ValueError(f"min_images must be >= 2; got {self.min_images}")
+            raise AssayError(f"{{min_images}} must be >= 2; got {self.min_images}", parameters=("min_images",))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,7 +105,8 @@ def window_normal(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray
     that bias. Rows are bootstrap replicates (NaN = missing); estimates are clipped to [0, 1].
     """
     guided, reference = np.atleast_2d(guided), np.atleast_2d(reference)
-    m, s = _mean_sd(reference)
+    _, m, var = sample_moments(reference)
+    s = np.sqrt(var)
     with np.errstate(invalid="ignore", divide="ignore"):
         u = special.ndtr((guided - m[:, None]) / s[:, None])
     lo, hi = uniform_endpoints(u)
@@ -152,9 +156,8 @@ def cell_statistics(guided: np.ndarray, reference: np.ndarray, *, min_images: in
     guided, reference = np.atleast_2d(guided), np.atleast_2d(reference)
     r1, r2 = window_normal(guided, reference)
     r1e, r2e = window_empirical(guided, reference)
-    with np.errstate(invalid="ignore"):
-        gmean = _nanmean(guided)
-        rmean = _nanmean(reference)
+    gmean = sample_moments(guided)[1]
+    rmean = sample_moments(reference)[1]
     out = {"r1": r1, "r2": r2, "r1_empirical": r1e, "r2_empirical": r2e,
            "selection_differential": gmean - rmean, "reference_mean": rmean}
     few = (np.sum(np.isfinite(guided), axis=-1) < min_images) | (np.sum(np.isfinite(reference), axis=-1) < min_images)
@@ -373,11 +376,9 @@ def run_assay(data: AssayInput, config: AssayConfig = AssayConfig(), *, rng: np.
     slope = np.full((num_c, 3), np.nan)
     tests: list[list[dict[str, Any]]] = []
     notes: list[str] = []
-    num_g = np.sum(np.isfinite(data.guided), axis=-1)
-    num_r = np.sum(np.isfinite(data.reference), axis=-1)
-    with np.errstate(invalid="ignore"):
-        gmean, rmean = _nanmean(data.guided), _nanmean(data.reference)
-        rsd = _mean_sd(data.reference.reshape(-1, data.reference.shape[-1]))[1].reshape(num_c, num_i)
+    num_g, gmean, _ = sample_moments(data.guided)
+    num_r, rmean, rvar = sample_moments(data.reference)
+    rsd = np.sqrt(rvar)
     advance = progress("bootstrap over images", num_c) if progress is not None else None
     for c, name in enumerate(data.conditions):
         g, r = data.guided[c], data.reference[c]
@@ -431,59 +432,31 @@ def _percentiles(values: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarr
     return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
 
 
-def _nanmean(x: np.ndarray) -> np.ndarray:
-    n = np.sum(np.isfinite(x), axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, np.nansum(x, axis=-1) / n, np.nan)
-
-
-def _mean_sd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row means and sample standard deviations (ddof 1), NaN-aware; NaN where fewer than 2 values."""
-    x = np.atleast_2d(x)
-    n = np.sum(np.isfinite(x), axis=-1)
-    m = _nanmean(x)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ss = np.nansum((x - m[:, None]) ** 2, axis=-1)
-        sd = np.where(n > 1, np.sqrt(ss / (n - 1)), np.nan)
-    return m, sd
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Reading a results dataset
 # ---------------------------------------------------------------------------------------------------------
 
 
 def load_assay_input(path: str | Path) -> AssayInput:
-    """Read a run directory (holding metrics.nc) or a .nc file; see `assay_input_from_dataset`."""
-    import xarray as xr
-
-    from fitting.observations import ObservationError, resolve_path
-
-    try:
-        file = resolve_path(path)
-    except ObservationError as exc:
-        raise AssayError(str(exc)) from exc
-    try:
-        with xr.open_dataset(file, engine="h5netcdf") as ds:
-            ds = ds.load()
-    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
-        raise AssayError(f"{file}: cannot read as a netCDF4/HDF5 dataset ({type(exc).__name__}: {exc}); "
-                         "write it with xarray's to_netcdf(engine='h5netcdf')") from exc
+    """Read a run directory (holding metrics.nc) or a .nc file (fitting.observations.read_run); see
+    `assay_input_from_dataset`. Raises AssayError."""
+    file, ds = read_run(path, AssayError)
     return assay_input_from_dataset(ds, source=str(file))
 
 
 def assay_input_from_dataset(ds: Any, *, source: str = "<dataset>") -> AssayInput:
-    """The assay's arrays from an xarray Dataset: `hf_power` and `hf_power_reference` over (condition,
-    iteration, image), attribute `schema_version` = 1. Iterations >= 1 only (iteration 0 is the real data).
-    Raises AssayError naming the file, the variable and the fix."""
-    version = ds.attrs.get("schema_version")
+    """The assay's arrays from an xarray Dataset of the results contract (qtmio.contract: schema_version,
+    condition and iteration coordinates) holding `hf_power` and `hf_power_reference` over (condition,
+    iteration, image). Iterations >= 1 only (iteration 0 is the real data). Raises AssayError naming the
+    file, the variable and the fix."""
+    from qtmio.contract import check_schema, read_coordinates
+    from qtmio.errors import ContractError
+
     try:
-        ok = version is not None and float(np.asarray(version).item()) == SCHEMA_VERSION
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise AssayError(f"{source}: attribute 'schema_version' is {version!r}; set "
-                         f"ds.attrs['schema_version'] = {SCHEMA_VERSION} (docs/assay.md)")
+        check_schema(ds, source)
+        conditions, iterations, order = read_coordinates(ds, source)
+    except ContractError as exc:
+        raise AssayError(str(exc)) from exc
     for name in (PHENOTYPE, REFERENCE):
         if name not in ds.data_vars:
             fix = ("run the chain with [assay] reference_scale (and images) set in its config, so that every "
@@ -494,21 +467,12 @@ def assay_input_from_dataset(ds: Any, *, source: str = "<dataset>") -> AssayInpu
         if set(ds[name].dims) != {"condition", "iteration", "image"}:
             raise AssayError(f"{source}: variable '{name}' has dimensions {tuple(ds[name].dims)}; the assay needs "
                              "(condition, iteration, image)")
-    conditions = tuple(str(c) for c in np.asarray(ds["condition"].values).tolist())
-    iterations = np.asarray(ds["iteration"].values)
-    if not np.issubdtype(iterations.dtype, np.number) or np.any(iterations < 0) \
-            or np.any(iterations != np.round(iterations)) or len(np.unique(iterations)) != len(iterations):
-        raise AssayError(f"{source}: coordinate 'iteration' must hold distinct non-negative integers, got "
-                         f"{iterations.tolist()}")
-    order = np.argsort(iterations, kind="stable")
-    iterations = iterations.astype(np.int64)[order]
     keep = iterations >= 1
-    guided = np.asarray(ds[PHENOTYPE].transpose("condition", "iteration", "image").values, float)[:, order][:, keep]
-    reference = np.asarray(ds[REFERENCE].transpose("condition", "iteration", "image").values,
-                           float)[:, order][:, keep]
     if not keep.any():
         raise AssayError(f"{source}: no iteration >= 1; the assay compares the guided and reference sets of "
                          "iterations k >= 1")
+    guided, reference = (np.asarray(ds[name].transpose("condition", "iteration", "image").values,
+                                    float)[:, order][:, keep] for name in (PHENOTYPE, REFERENCE))
     if not np.isfinite(reference).any():
         raise AssayError(f"{source}: variable '{REFERENCE}' holds no value at any iteration >= 1; run the chain "
                          "with [assay] reference_scale set (docs/assay.md)")
@@ -541,11 +505,10 @@ _DESCRIPTIONS = {
 def assay_dataset(result: AssayResult, *, command: str | None = None) -> Any:
     """assay.nc as an xarray Dataset: dims condition, iteration (k >= 1), model; every quantity with its
     `_lower` / `_upper` bounds; truncation-test log-likelihoods and Akaike weights; provenance in attrs."""
-    import json
-
     import xarray as xr
 
-    from fitting.results import provenance
+    from qtmio.netcdf import netcdf_attrs
+    from qtmio.provenance import provenance
 
     dims = ("condition", "iteration")
     data_vars: dict[str, Any] = {}
@@ -585,22 +548,19 @@ def assay_dataset(result: AssayResult, *, command: str | None = None) -> Any:
         "interval": "percentile bootstrap over images (resampled by image index: pairs by seed kept)",
         "num_bootstrap": result.config.num_bootstrap,
         "min_images": result.config.min_images,
-        "seed": result.seed if result.seed is not None else "none",
         "notes": json.dumps(list(result.notes)),
         "definitions": "docs/assay.md",
-        **provenance(),
+        **provenance(PACKAGES, seed=result.seed, command=command or None),
     }
-    if command:
-        attrs["command"] = command
     return xr.Dataset(data_vars, coords={"condition": list(result.conditions), "iteration": result.iterations,
-                                         "model": list(MODELS)}, attrs=attrs)
+                                         "model": list(MODELS)}, attrs=netcdf_attrs(attrs))
 
 
 def write_assay(result: AssayResult, path: str | Path, **kwargs) -> Path:
-    """Write assay.nc atomically (temporary file beside it, then os.replace)."""
-    from qtm.dataset import write_netcdf_atomic
+    """Write assay.nc atomically (qtmio.netcdf.write_netcdf)."""
+    from qtmio.netcdf import write_netcdf
 
-    return write_netcdf_atomic(assay_dataset(result, **kwargs), path)
+    return write_netcdf(assay_dataset(result, **kwargs), path)
 
 
 def _num(x: Any) -> float | None:
@@ -656,3 +616,161 @@ def assay_json(result: AssayResult) -> dict[str, Any]:
     return {"conditions": conditions, "confidence": result.config.confidence,
             "num_bootstrap": result.config.num_bootstrap, "reference_scale": result.data.reference_scale,
             "source": result.data.source, "notes": list(result.notes)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two routes side by side: the assay against a trajectory fit (both read as datasets, for `qtm report`)
+# ---------------------------------------------------------------------------------------------------------
+
+WINDOW_PARAMETERS = ("r1", "r2")
+
+
+def intervals_overlap(lower_a: float, upper_a: float, lower_b: float, upper_b: float) -> bool:
+    """Whether the closed intervals [lower_a, upper_a] and [lower_b, upper_b] share a point."""
+    return bool(lower_a <= upper_b and lower_b <= upper_a)
+
+
+def compare_routes(assay: Any, fit: Any) -> list[dict[str, Any]]:
+    """The assayed window against the trajectory fit's, per condition the two share and per parameter
+    r1, r2. `assay`: an assay.nc dataset (`assay_dataset`); `fit`: a fit.nc dataset (fitting.results).
+
+    The fit has one value per condition with its interval; the assay one per iteration k >= 1 with its
+    bootstrap interval. The routes agree at iteration k when the two intervals overlap
+    (`intervals_overlap`; a fixed parameter is the point interval [value, value]). Verdict: "agree" when
+    they overlap at every assayed iteration, "disagree" at none, "partly" at some, "not comparable" when
+    the assay has no interval or the fit no finite one. Returns one dict per (condition, parameter):
+    {condition, parameter, fit: {estimate, lower, upper, free, identified}, assay: [{iteration, estimate,
+    lower, upper, overlaps}], verdict, sentence}."""
+    fit_conditions = [str(c) for c in fit["condition"].values]
+    rows = []
+    for a, name in enumerate(str(c) for c in assay["condition"].values):
+        if name not in fit_conditions:
+            continue
+        for parameter in WINDOW_PARAMETERS:
+            cell = {k: fit[k].sel(condition=name, parameter=parameter).item()
+                    for k in ("estimate", "lower", "upper", "free", "identified")}
+            est, free = float(cell["estimate"]), bool(cell["free"])
+            lo, hi = (float(cell["lower"]), float(cell["upper"])) if free else (est, est)
+            fit_row = {"estimate": est, "lower": lo, "upper": hi, "free": free,
+                       "identified": bool(cell["identified"])}
+            assayed = []
+            for i, k in enumerate(assay["iteration"].values):
+                e, alo, ahi = (float(assay[parameter + s].values[a, i]) for s in ("", "_lower", "_upper"))
+                if not (math.isfinite(alo) and math.isfinite(ahi)):
+                    continue
+                ok = math.isfinite(lo) and math.isfinite(hi) and intervals_overlap(lo, hi, alo, ahi)
+                assayed.append({"iteration": int(k), "estimate": e, "lower": alo, "upper": ahi, "overlaps": ok})
+            verdict = _verdict(fit_row, assayed)
+            rows.append({"condition": name, "parameter": parameter, "fit": fit_row, "assay": assayed,
+                         "verdict": verdict, "sentence": _sentence(name, parameter, fit_row, assayed, verdict)})
+    return rows
+
+
+def _verdict(fit_row: dict[str, Any], assayed: list[dict[str, Any]]) -> str:
+    if not assayed or not (math.isfinite(fit_row["lower"]) and math.isfinite(fit_row["upper"])):
+        return "not comparable"
+    hits = sum(row["overlaps"] for row in assayed)
+    return "agree" if hits == len(assayed) else "disagree" if hits == 0 else "partly"
+
+
+def _sentence(name: str, parameter: str, fit_row: dict[str, Any], assayed: list[dict[str, Any]],
+              verdict: str) -> str:
+    """The verdict of `compare_routes` in words."""
+    f = fit_row
+    fit_text = (f"the fit's {parameter} = {f['estimate']:.3g} [{f['lower']:.3g}, {f['upper']:.3g}]" if f["free"]
+                else f"the fit held {parameter} fixed at {f['estimate']:.3g}")
+    if verdict == "not comparable":
+        why = "the assay has no interval at any iteration" if not assayed else "the fit gives no finite interval"
+        return f"{name}, {parameter}: not comparable ({why})."
+    its = [row["iteration"] for row in assayed]
+    hit = [row["iteration"] for row in assayed if row["overlaps"]]
+    if verdict == "agree":
+        text = (f"{name}, {parameter}: {fit_text} overlaps the assay's interval at every assayed iteration "
+                f"({_iterations(its)}): the two routes agree.")
+    elif verdict == "disagree":
+        text = (f"{name}, {parameter}: {fit_text} overlaps none of the assay's intervals (iterations "
+                f"{_iterations(its)}): the two routes disagree.")
+    else:
+        miss = [k for k in its if k not in hit]
+        text = (f"{name}, {parameter}: {fit_text} overlaps the assay's interval at iteration(s) {_iterations(hit)} "
+                f"but not at {_iterations(miss)}: the two routes agree only in part.")
+    if f["free"] and not f["identified"]:
+        text += f" The fit marks {parameter} as not identified, so its interval says little."
+    return text
+
+
+def _iterations(values: list[int]) -> str:
+    return ", ".join(str(k) for k in values)
+
+
+def _md(x: float, digits: int = 3) -> str:
+    return "—" if not math.isfinite(float(x)) else f"{float(x):.{digits}g}"
+
+
+def _md_interval(ds: Any, name: str, c: int, i: int) -> str:
+    est, lo, hi = (float(ds[name + s].values[c, i]) for s in ("", "_lower", "_upper"))
+    if not math.isfinite(est):
+        return "—"
+    return f"{_md(est)} [{_md(lo)}, {_md(hi)}]"
+
+
+def markdown_assay(assay: Any, *, figure: str | None = None) -> str:
+    """The assay (an assay.nc dataset) as a markdown section for report.md: per condition and iteration the
+    realized window, S, R, h2 with their intervals and the truncation test's verdict, the realized
+    heritability per condition, the notes, and `figure` (a file name beside report.md) when given."""
+    conf = float(assay.attrs.get("confidence", 0.95))
+    scale = str(assay.attrs.get("reference_scale", "unknown"))
+    scale = "" if scale == "unknown" else f" (reference scale {scale})"
+    lines = ["## Selection assay", "",
+             f"Guided images against the same model's reference images{scale}, {conf:.0%} bootstrap intervals "
+             f"over images ({assay.attrs.get('num_bootstrap', '?')} replicates); every quantity is defined in "
+             "docs/assay.md. "
+             "h2 is marked where the interval of S covers 0 (h2 = R / S then means nothing).", ""]
+    if figure:
+        lines += [f"![Selection assay]({figure})", ""]
+    lines += ["| condition | iteration | r1 | r2 | S | R | h2 | best model |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    meaningful = assay["heritability_meaningful"].values.astype(bool)
+    for c, name in enumerate(str(x) for x in assay["condition"].values):
+        for i, k in enumerate(assay["iteration"].values):
+            h2 = _md_interval(assay, "heritability", c, i)
+            if h2 != "—" and not meaningful[c, i]:
+                h2 += " (S ~ 0)"
+            cells = [name, str(int(k))] + [_md_interval(assay, q, c, i) for q in
+                                           ("r1", "r2", "selection_differential", "response")]
+            cells += [h2, str(assay["best_model"].values[c, i]) or "—"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for c, name in enumerate(str(x) for x in assay["condition"].values):
+        est, lo, hi = (float(assay["realized_heritability" + s].values[c]) for s in ("", "_lower", "_upper"))
+        if math.isfinite(est):
+            flag = "" if bool(assay["realized_heritability_meaningful"].values[c]) else \
+                " (cumulative S ~ 0: means nothing)"
+            lines.append(f"- {name}: realized heritability (cumulative regression) {_md(est)} "
+                         f"[{_md(lo)}, {_md(hi)}]{flag}")
+    for note in json.loads(str(assay.attrs.get("notes", "[]"))):
+        lines.append(f"- note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_routes(rows: list[dict[str, Any]], *, figure: str | None = None) -> str:
+    """`compare_routes` as a markdown section: one row per condition and parameter (the fit's value and
+    interval, the assay's per iteration, the verdict), then the verdicts in words."""
+    lines = ["## Selection window: the assay against the trajectory fit", "",
+             "The trajectory fit (`qtm fit`) infers one r1, r2 per condition from the phenotype trajectory; the "
+             "assay measures them at every iteration from the guided and reference images. The routes agree at "
+             "an iteration when the two intervals overlap.", ""]
+    if figure:
+        lines += [f"![Selection window by both routes]({figure})", ""]
+    lines += ["| condition | parameter | trajectory fit | assay per iteration | verdict |", "|---|---|---|---|---|"]
+    for row in rows:
+        f = row["fit"]
+        fit_text = (f"{_md(f['estimate'])} [{_md(f['lower'])}, {_md(f['upper'])}]" if f["free"]
+                    else f"{_md(f['estimate'])} (fixed)")
+        if f["free"] and not f["identified"]:
+            fit_text += " (not identified)"
+        assayed = "; ".join(f"{a['iteration']}: {_md(a['estimate'])} [{_md(a['lower'])}, {_md(a['upper'])}]"
+                            for a in row["assay"]) or "—"
+        lines.append(f"| {row['condition']} | {row['parameter']} | {fit_text} | {assayed} | {row['verdict']} |")
+    lines += [""] + [f"- {row['sentence']}" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,5 +1,13 @@
-"""Figure of the selection assay: one column per condition; rows: realized window (r1, r2), selection
-differential and response, realized heritability per iteration, and the cumulative regression."""
+"""Figures of the selection assay (docs/assay.md).
+
+`plot_assay_dataset`: one column per condition; rows: realized window (r1, r2), selection differential and
+response, realized heritability per iteration, and the cumulative regression.
+`plot_routes`: the two routes to the selection window side by side, the assayed r1, r2 per iteration
+against the trajectory fit's r1, r2 (one value per condition, with its interval).
+
+Both draw datasets (assay.nc of `fitting.assay.assay_dataset`, fit.nc of `fitting.results.to_dataset`),
+without pyplot, and save through qtmio.figures (atomic; the format follows the suffix).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtm.plotting import save_figure_atomic
+from qtmio.figures import figure, save_figure
 
 
 def plot_assay(result, path: str | Path) -> Path:
@@ -17,45 +25,62 @@ def plot_assay(result, path: str | Path) -> Path:
     return plot_assay_dataset(assay_dataset(result), path)
 
 
-def _errorbar(ax, x, ds, name: str, c: int, **kwargs) -> None:
-    y = ds[name].values[c]
-    lo, hi = ds[f"{name}_lower"].values[c], ds[f"{name}_upper"].values[c]
+def _errorbar(ax, x, y, lo, hi, **kwargs) -> None:
+    """Points with asymmetric error bars from interval bounds (NaN points and bounds left out)."""
     ok = np.isfinite(y)
     if not ok.any():
         return
     err = np.vstack([np.nan_to_num(y - lo), np.nan_to_num(hi - y)])[:, ok]
-    ax.errorbar(x[ok], y[ok], yerr=np.clip(err, 0, None), fmt="o-", ms=3.5, capsize=2.5, lw=1, **kwargs)
+    ax.errorbar(x[ok], y[ok], yerr=np.clip(err, 0, None), ms=4, capsize=2.5, lw=1, **kwargs)
+
+
+def _quantity(ax, x, ds, name: str, c: int, **kwargs) -> None:
+    _errorbar(ax, x, ds[name].values[c], ds[f"{name}_lower"].values[c], ds[f"{name}_upper"].values[c], **kwargs)
+
+
+def _iteration_axis(ax, iterations: np.ndarray) -> None:
+    """Whole-number iteration ticks at the assayed iterations, with a little room on either side."""
+    ax.set_xticks(iterations)
+    ax.set_xticklabels([str(int(k)) for k in iterations])
+    ax.set_xlim(iterations.min() - 0.5, iterations.max() + 0.5)
+    ax.set_xlabel("iteration")
+
+
+def _one_legend(fig, axes) -> None:
+    """One legend for the figure, below the panels: every labelled artist once, in the order drawn."""
+    handles: dict[str, object] = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 3),
+                   fontsize=8, frameon=False)
 
 
 def plot_assay_dataset(ds, path: str | Path) -> Path:
     """`ds` is the dataset of `fitting.assay.assay_dataset` (an assay.nc opened with xarray). Error bars are
     the bootstrap intervals; open markers are the distribution-free window; heritabilities whose selection
-    differential is indistinguishable from 0 are drawn grey. Written atomically (PNG or any suffix
-    matplotlib knows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
+    differential is indistinguishable from 0 are drawn grey."""
     conditions = [str(c) for c in ds["condition"].values]
     it = ds["iteration"].values.astype(float)
     num = len(conditions)
-    fig, axes = plt.subplots(4, num, figsize=(3.8 * num + 0.6, 11.0), squeeze=False)
+    fig = figure(figsize=(3.8 * num + 0.8, 11.5))
+    axes = fig.subplots(4, num, squeeze=False)
     for c, name in enumerate(conditions):
         ax = axes[0][c]
-        _errorbar(ax, it - 0.06, ds, "r1", c, color="C0", label="r1 (normal ML)")
-        _errorbar(ax, it + 0.06, ds, "r2", c, color="C3", label="r2 (normal ML)")
-        for q, color, dx in (("r1_empirical", "C0", -0.18), ("r2_empirical", "C3", 0.18)):
-            y = ds[q].values[c]
-            ax.plot(it + dx, y, "o", mfc="none", color=color, ms=4.5, label=q.replace("_", " "))
+        _quantity(ax, it - 0.06, ds, "r1", c, fmt="o-", color="C0", label="r1, normal model")
+        _quantity(ax, it + 0.06, ds, "r2", c, fmt="o-", color="C3", label="r2, normal model")
+        for q, color, dx, label in (("r1_empirical", "C0", -0.18, "r1, distribution-free"),
+                                    ("r2_empirical", "C3", 0.18, "r2, distribution-free")):
+            ax.errorbar(it + dx, ds[q].values[c], fmt="o", mfc="none", color=color, ms=4.5, label=label)
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(name)
-        ax.set_ylabel("realized window" if c == 0 else "")
+        ax.set_ylabel("fraction cut from the tail" if c == 0 else "")
 
         ax = axes[1][c]
-        _errorbar(ax, it - 0.06, ds, "selection_differential", c, color="C2", label="S (selection differential)")
-        _errorbar(ax, it + 0.06, ds, "response", c, color="C4", label="R (response)")
+        _quantity(ax, it - 0.06, ds, "selection_differential", c, fmt="o-", color="C2",
+                  label="S, selection differential")
+        _quantity(ax, it + 0.06, ds, "response", c, fmt="o-", color="C4", label="R, response")
         ax.axhline(0, color="0.6", lw=0.8)
         ax.set_ylabel("phenotype difference" if c == 0 else "")
 
@@ -63,20 +88,16 @@ def plot_assay_dataset(ds, path: str | Path) -> Path:
         h2 = ds["heritability"].values[c]
         lo, hi = ds["heritability_lower"].values[c], ds["heritability_upper"].values[c]
         good = ds["heritability_meaningful"].values[c].astype(bool)
-        for mask, color, label in ((good, "C1", "h2 = R / S"), (~good, "0.6", "h2 (S ~ 0: meaningless)")):
-            ok = mask & np.isfinite(h2)
-            if ok.any():
-                err = np.vstack([np.nan_to_num(h2 - lo), np.nan_to_num(hi - h2)])[:, ok]
-                ax.errorbar(it[ok], h2[ok], yerr=np.clip(err, 0, None), fmt="o", ms=3.5, capsize=2.5,
-                            color=color, label=label)
+        for mask, color, label in ((good, "C1", "h2 = R / S"), (~good, "0.6", "h2 where S ~ 0 (meaningless)")):
+            _errorbar(ax, it, np.where(mask, h2, np.nan), lo, hi, fmt="o", color=color, label=label)
         ax.axhline(0, color="0.6", lw=0.8)
         ax.axhline(1, color="0.6", lw=0.8, ls=":")
         finite = np.concatenate([h2[np.isfinite(h2)], [0.0, 1.0]])
         span = finite.max() - finite.min()
         ax.set_ylim(finite.min() - 0.5 * span, finite.max() + 0.5 * span)
         ax.set_ylabel("realized heritability" if c == 0 else "")
-        if c > 0 and (~good & np.isfinite(h2)).any():
-            ax.legend(fontsize=7, loc="best")
+        for row in range(3):
+            _iteration_axis(axes[row][c], it)
 
         ax = axes[3][c]
         cs, cr = ds["cumulative_selection_differential"].values[c], ds["cumulative_response"].values[c]
@@ -87,7 +108,8 @@ def plot_assay_dataset(ds, path: str | Path) -> Path:
             yerr = np.vstack([cr - ds["cumulative_response_lower"].values[c],
                               ds["cumulative_response_upper"].values[c] - cr])[:, ok]
             ax.errorbar(cs[ok], cr[ok], xerr=np.clip(np.nan_to_num(xerr), 0, None),
-                        yerr=np.clip(np.nan_to_num(yerr), 0, None), fmt="o", ms=3.5, capsize=2, color="k")
+                        yerr=np.clip(np.nan_to_num(yerr), 0, None), fmt="o", ms=3.5, capsize=2, color="k",
+                        label="cumulative R against cumulative S (label: iteration)")
             for x, y, k in zip(cs[ok], cr[ok], it[ok]):
                 ax.annotate(f"{int(k)}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             b = float(ds["realized_heritability"].values[c])
@@ -95,10 +117,11 @@ def plot_assay_dataset(ds, path: str | Path) -> Path:
             bhi = float(ds["realized_heritability_upper"].values[c])
             xs = np.linspace(min(0.0, np.nanmin(cs[ok])), max(0.0, np.nanmax(cs[ok])), 20)
             if np.isfinite(b):
-                ax.plot(xs, b * xs, color="C1", label=f"slope {b:.2f} [{blo:.2f}, {bhi:.2f}]")
+                ax.plot(xs, b * xs, color="C1", label="realized heritability (slope)")
+                ax.text(0.03, 0.95, f"slope {b:.2f} [{blo:.2f}, {bhi:.2f}]", transform=ax.transAxes,
+                        va="top", fontsize=8)
             if np.isfinite(blo) and np.isfinite(bhi):
                 ax.fill_between(xs, blo * xs, bhi * xs, color="C1", alpha=0.2)
-            ax.legend(fontsize=7, loc="best")
         else:
             ax.text(0.5, 0.5, "needs two consecutive\nassayed iterations", ha="center", va="center",
                     transform=ax.transAxes, fontsize=8, color="0.4")
@@ -106,16 +129,55 @@ def plot_assay_dataset(ds, path: str | Path) -> Path:
         ax.axvline(0, color="0.6", lw=0.8)
         ax.set_xlabel("cumulative selection differential")
         ax.set_ylabel("cumulative response" if c == 0 else "")
-        for row in range(3):
-            axes[row][c].xaxis.set_major_locator(MaxNLocator(integer=True))
-            axes[row][c].set_xlabel("iteration")
-    for row in range(3):
-        axes[row][0].legend(fontsize=7, loc="best")
     conf = float(ds.attrs.get("confidence", 0.95))
     scale = ds.attrs.get("reference_scale", "unknown")
-    fig.suptitle(f"selection assay: guided vs reference (scale {scale}); {conf:.0%} bootstrap intervals")
-    fig.tight_layout()
-    try:
-        return save_figure_atomic(fig, path)
-    finally:
-        plt.close(fig)
+    scale = "" if str(scale) == "unknown" else f" at scale {scale}"
+    fig.suptitle(f"Selection assay: guided images against reference images{scale}, {conf:.0%} bootstrap intervals")
+    _one_legend(fig, axes)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return save_figure(fig, path)
+
+
+def plot_routes(assay, fit, path: str | Path) -> Path:
+    """The selection window by two routes, one column per condition the two share, rows r1 and r2: the
+    assay's per-iteration estimates with their bootstrap intervals (points), the trajectory fit's one value
+    per condition with its interval (line and band; a fixed parameter has no band). `assay`: assay.nc,
+    `fit`: fit.nc, both as xarray datasets."""
+    fit_conditions = [str(c) for c in fit["condition"].values]
+    conditions = [str(c) for c in assay["condition"].values if str(c) in fit_conditions]
+    it = assay["iteration"].values.astype(float)
+    num = max(len(conditions), 1)
+    fig = figure(figsize=(3.6 * num + 0.8, 6.4))
+    axes = fig.subplots(2, num, squeeze=False, sharey="row")
+    interval = fit.attrs.get("interval", "")
+    for c, name in enumerate(conditions):
+        a = [str(x) for x in assay["condition"].values].index(name)
+        for row, parameter in enumerate(("r1", "r2")):
+            ax = axes[row][c]
+            value = fit["estimate"].sel(condition=name, parameter=parameter).item()
+            lo = fit["lower"].sel(condition=name, parameter=parameter).item()
+            hi = fit["upper"].sel(condition=name, parameter=parameter).item()
+            free = bool(fit["free"].sel(condition=name, parameter=parameter).item())
+            span = (it.min() - 0.5, it.max() + 0.5)
+            if free and np.isfinite(lo) and np.isfinite(hi):
+                ax.fill_between(span, lo, hi, color="C0", alpha=0.2,
+                                label=f"trajectory fit, 95 % interval ({interval})" if interval else
+                                "trajectory fit, 95 % interval")
+            ax.plot(span, (value, value), color="C0", lw=1.5,
+                    label="trajectory fit" if free else "trajectory fit (fixed)")
+            _errorbar(ax, it, assay[parameter].values[a], assay[f"{parameter}_lower"].values[a],
+                      assay[f"{parameter}_upper"].values[a], fmt="o", color="k",
+                      label="assay per iteration, bootstrap interval")
+            ax.set_ylim(-0.03, 1.03)
+            _iteration_axis(ax, it)
+            if row == 0:
+                ax.set_title(name)
+            if c == 0:
+                ax.set_ylabel(f"{parameter} ({'left' if parameter == 'r1' else 'right'} tail cut)")
+    if not conditions:
+        axes[0][0].text(0.5, 0.5, "no condition in both", ha="center", va="center",
+                        transform=axes[0][0].transAxes)
+    fig.suptitle("Selection window: assayed per iteration against the trajectory fit")
+    _one_legend(fig, axes)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    return save_figure(fig, path)

@@ -22,3 +22,8 @@ class ModelError(FittingError, ValueError):
 
 class FitError(FittingError, RuntimeError):
     """The optimization failed from every start; the message says what was tried."""
+
+
+class AssayError(FittingError, ValueError):
+    """A dataset or setting the selection assay (fitting.assay) cannot use; the message names the file, the
+    variable or the field, and the fix."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from fitting.errors import ObservationError
+from fitting.errors import FittingError, ObservationError
 from qtmio.contract import PHENOTYPE, read_phenotypes, read_results, results_file
 from qtmio.errors import ContractError
 
@@ -168,9 +168,10 @@ def _pool(groups: list[tuple[float, float, float]]) -> tuple[float, float, float
 
 # ------------------------------------------------------------------------------------------------ builders
 
-def from_phenotypes(conditions, iterations, phenotypes, *, source: str = "<memory>") -> Observations:
-    """Observations from per-image phenotypes (C, I, N); NaN marks an image not produced."""
-    x = np.asarray(phenotypes, dtype=np.float64)
+def sample_moments(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Count, mean and sample variance (ddof 1) over the last axis, NaN marking a missing value:
+    n = #finite, mean = sum / n (NaN where n = 0), var = sum (x - mean)^2 / (n - 1) (NaN where n < 2)."""
+    x = np.asarray(values, dtype=np.float64)
     valid = np.isfinite(x)
     n = valid.sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -178,6 +179,13 @@ def from_phenotypes(conditions, iterations, phenotypes, *, source: str = "<memor
         mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
         dev = np.where(valid, x - mean[..., None], 0.0)
         var = np.where(n > 1, (dev**2).sum(axis=-1) / np.maximum(n - 1, 1), np.nan)
+    return n, mean, var
+
+
+def from_phenotypes(conditions, iterations, phenotypes, *, source: str = "<memory>") -> Observations:
+    """Observations from per-image phenotypes (C, I, N); NaN marks an image not produced."""
+    x = np.asarray(phenotypes, dtype=np.float64)
+    n, mean, var = sample_moments(x)
     return Observations(
         conditions=tuple(str(c) for c in conditions),
         iterations=np.asarray(iterations, dtype=np.int64),
@@ -212,14 +220,20 @@ def from_summary(conditions, iterations, mean, std, num_images, *, ddof: int = 1
 
 # ------------------------------------------------------------------------------------------------ reading
 
+def read_run(path: str | Path, error: type[FittingError] = ObservationError) -> tuple[Path, Any]:
+    """The results file of a run directory (results/NAME, holding metrics.nc) or a .nc file, and its
+    dataset (qtmio.contract.results_file, read_results); a ContractError is raised again as `error`."""
+    try:
+        file = results_file(path)
+        return file, read_results(file)
+    except ContractError as err:
+        raise error(str(err)) from err
+
+
 def load_observations(path: str | Path) -> Observations:
     """Read a run directory (results/NAME, holding metrics.nc) or a .nc file of the results contract
     (qtmio.contract) and extract its observations. Raises ObservationError."""
-    try:
-        file = results_file(path)
-        ds = read_results(file)
-    except ContractError as err:
-        raise ObservationError(str(err)) from err
+    file, ds = read_run(path)
     return observations_from_dataset(ds, source=str(file))
 
 

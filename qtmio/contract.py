@@ -93,6 +93,26 @@ def read_results(path: str | os.PathLike) -> Any:
 def read_phenotypes(ds: Any, *, source: str = "<dataset>") -> Phenotypes:
     """Check an xarray Dataset against the contract and return its phenotypes (module docstring)."""
     check_schema(ds, source)
+    conditions, iterations, order = read_coordinates(ds, source)
+    if PHENOTYPE in ds.data_vars:
+        return Phenotypes(conditions, iterations, values=_phenotype_values(ds, conditions, iterations, order,
+                                                                           source))
+    present = [v for v in SUMMARY_VARIABLES if v in ds.data_vars]
+    if not present:
+        raise ContractError(
+            f"{source}: variable '{PHENOTYPE}' is missing (and so is the summary trio "
+            f"{', '.join(SUMMARY_VARIABLES)}); the contract needs per-image phenotypes '{PHENOTYPE}' "
+            "(condition, iteration, image) or the summary trio (condition, iteration)")
+    missing = [v for v in SUMMARY_VARIABLES if v not in ds.data_vars]
+    if missing:
+        raise ContractError(f"{source}: variable '{missing[0]}' is missing; the summary-only form needs all of "
+                            f"{', '.join(SUMMARY_VARIABLES)} over (condition, iteration)")
+    return _summary(ds, conditions, iterations, order, source)
+
+
+def read_coordinates(ds: Any, source: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """The checked coordinates of a results dataset: (conditions, iterations in increasing order, the order
+    that sorts the dataset's iteration axis so). ContractError names what is wrong."""
     for coord in ("condition", "iteration"):
         if coord not in ds.coords and coord not in ds.dims:
             raise ContractError(f"{source}: coordinate '{coord}' is missing; the dimensions 'condition' and "
@@ -110,20 +130,7 @@ def read_phenotypes(ds: Any, *, source: str = "<dataset>") -> Phenotypes:
         raise ContractError(f"{source}: coordinate 'iteration' has repeated values {iterations.tolist()}")
     order = np.argsort(iterations, kind="stable")
     conditions, iterations = tuple(conditions), iterations[order]
-    if PHENOTYPE in ds.data_vars:
-        return Phenotypes(conditions, iterations, values=_phenotype_values(ds, conditions, iterations, order,
-                                                                           source))
-    present = [v for v in SUMMARY_VARIABLES if v in ds.data_vars]
-    if not present:
-        raise ContractError(
-            f"{source}: variable '{PHENOTYPE}' is missing (and so is the summary trio "
-            f"{', '.join(SUMMARY_VARIABLES)}); the contract needs per-image phenotypes '{PHENOTYPE}' "
-            "(condition, iteration, image) or the summary trio (condition, iteration)")
-    missing = [v for v in SUMMARY_VARIABLES if v not in ds.data_vars]
-    if missing:
-        raise ContractError(f"{source}: variable '{missing[0]}' is missing; the summary-only form needs all of "
-                            f"{', '.join(SUMMARY_VARIABLES)} over (condition, iteration)")
-    return _summary(ds, conditions, iterations, order, source)
+    return conditions, iterations, order
 
 
 def read_reference(ds: Any, *, source: str = "<dataset>") -> np.ndarray | None:

@@ -13,7 +13,11 @@ from typing import Annotated
 
 import typer
 
-from qtm.commands.common import fail, print_json
+from qtm.commands.common import (JsonFlag, NetcdfOut, PlotOut, check_output, console, print_json, progress_bars,
+                                 reported, writing)
+
+FLAGS = {"num_bootstrap": "--bootstrap-samples"}
+"""AssayConfig fields -> this command's flags."""
 
 
 def assay(
@@ -21,10 +25,9 @@ def assay(
     bootstrap_samples: Annotated[int, typer.Option(
         "--bootstrap-samples", help="Bootstrap replicates (images resampled by index) for the intervals.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the assay dataset (netCDF).")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the figure (PNG).")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
-    = False,
+    out: NetcdfOut = None,
+    plot: PlotOut = None,
+    json_output: JsonFlag = False,
 ) -> None:
     """Measure selection directly: per condition and iteration k >= 1, the guided images against the same
     model's reference images (hf_power vs hf_power_reference): realized r1, r2, which change (truncation,
@@ -33,41 +36,34 @@ def assay(
 
     import numpy as np
 
-    from fitting.assay import AssayConfig, AssayError, load_assay_input, run_assay
+    from fitting.assay import AssayConfig, assay_json, load_assay_input, run_assay, write_assay
 
     config = AssayConfig(num_bootstrap=bootstrap_samples)
-    try:
+    with reported(FLAGS):
         config.validate()
-    except ValueError as exc:
-        fail(f"--bootstrap-samples: {exc}")
-    for flag, target in (("--out", out), ("--plot", plot)):
-        if target is not None and target.exists() and target.is_dir():
-            fail(f"{flag} {target} is a directory; give a file name")
-    try:
+    check_output("--out", out)
+    check_output("--plot", plot)
+    with reported(FLAGS), progress_bars() as bars:
         data = load_assay_input(path)
-    except AssayError as exc:
-        fail(str(exc))
-    result = run_assay(data, config, rng=np.random.default_rng(seed), seed=seed)
-
-    from fitting.assay import assay_json, write_assay
+        result = run_assay(data, config, rng=np.random.default_rng(seed), seed=seed, progress=bars)
 
     command = "qtm assay " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "qtm assay"
     if out is not None:
-        write_assay(result, out, command=command)
+        with writing("--out", out):
+            write_assay(result, out, command=command)
     if plot is not None:
         from fitting.assay_plotting import plot_assay
 
-        plot_assay(result, plot)
+        with writing("--plot", plot):
+            plot_assay(result, plot)
     if json_output:
         print_json(assay_json(result))
         return
-    from rich.console import Console
-
-    console = Console()
-    _render(result, console)
+    terminal = console()
+    _render(result, terminal)
     for label, target in (("assay dataset", out), ("figure", plot)):
         if target is not None:
-            console.print(f"{label}: {target}", markup=False)
+            terminal.print(f"{label}: {target}", markup=False)
 
 
 def _fmt(x: float, digits: int = 3) -> str:

@@ -2,12 +2,14 @@
 
 Reads `metrics.nc` (and `fit.nc` when present), writes `report/` inside the run directory: the phenotype
 trajectories (with the fitted curves and bands of `qtm fit` when a fit exists), an image grid (condition x
-iteration, the paper's Figure 1b), radial spectra per iteration, FD per iteration, and `report.md`.
+iteration, the paper's Figure 1b), radial spectra per iteration, FD per iteration, and `report.md`. A run
+with reference images (hf_power_reference) also gets the selection assay (assay.png: r1, r2, S, R, h2 per
+iteration) and, with a fit, the assayed r1, r2 against the fit's (selection_routes.png) with a verdict.
 torch is never imported.
 
 `build_report` joins the two libraries that each know half of a report, chain.report (the run's figures
-and table) and fitting (the fit's figure and table); it lives here because neither library imports the
-other.
+and table) and fitting (the fit's figure and table; the selection assay, and the assay against the fit, when the run
+has reference images); it lives here because neither library imports the other.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from qtm.commands.common import JsonFlag, console, fail, print_json, reported, w
 
 
 def build_report(run_dir: Path, *, fit_path: Path | None = None, out_dir: Path | None = None,
-                 images_per_cell: int = 4) -> dict:
-    """Write every figure and report.md; returns {"report": path, "figures": {...}, "rows": [...]}."""
+                 images_per_cell: int = 4, num_bootstrap: int = 1000) -> dict:
+    """Write every figure and report.md; returns {"report": path, "figures": {...}, "rows": [...]}, and
+    "selection_routes" (fitting.assay.compare_routes) when the run has reference images and a fit.
+    `num_bootstrap`: replicates of the assay's intervals (runs with reference images)."""
     from chain import report as chain_report
+    from fitting.assay import REFERENCE
     from qtmio import contract
     from qtmio.atomic import write_text_atomic
 
@@ -49,8 +54,42 @@ def build_report(run_dir: Path, *, fit_path: Path | None = None, out_dir: Path |
         from fitting.results import markdown_table
 
         text += "\n" + markdown_table(fit, fit_path.name)
+    routes = None
+    if REFERENCE in metrics.data_vars:
+        section, assay_figures, routes = _assay_section(metrics, fit, out_dir, source=source,
+                                                        num_bootstrap=num_bootstrap)
+        text += "\n" + section
+        figures.update(assay_figures)
     report_path = write_text_atomic(out_dir / "report.md", text)
-    return {"report": str(report_path), "figures": {k: str(out_dir / v) for k, v in figures.items()}, "rows": rows}
+    result = {"report": str(report_path), "figures": {k: str(out_dir / v) for k, v in figures.items()},
+              "rows": rows}
+    if routes is not None:
+        result["selection_routes"] = routes
+    return result
+
+
+def _assay_section(metrics, fit, out_dir: Path, *, source: str, num_bootstrap: int) -> tuple[str, dict, list | None]:
+    """The selection assay of a run with reference images (fitting.assay), and with a fit the two routes to
+    the selection window side by side: (markdown, {caption: figure file}, compare_routes rows or None)."""
+    import numpy as np
+
+    from fitting.assay import (AssayConfig, assay_dataset, assay_input_from_dataset, compare_routes,
+                               markdown_assay, markdown_routes, run_assay)
+    from fitting.assay_plotting import plot_assay_dataset, plot_routes
+
+    data = assay_input_from_dataset(metrics, source=source)
+    assay = assay_dataset(run_assay(data, AssayConfig(num_bootstrap=num_bootstrap), rng=np.random.default_rng(0),
+                                    seed=0))
+    plot_assay_dataset(assay, out_dir / "assay.png")
+    figures = {"Selection assay": "assay.png"}
+    text = markdown_assay(assay, figure="assay.png")
+    routes = None
+    if fit is not None:
+        routes = compare_routes(assay, fit)
+        plot_routes(assay, fit, out_dir / "selection_routes.png")
+        figures["Selection window: the assay against the trajectory fit"] = "selection_routes.png"
+        text += "\n" + markdown_routes(routes, figure="selection_routes.png")
+    return text, figures, routes
 
 
 def report(
@@ -59,6 +98,9 @@ def report(
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN_DIR/report).")] = None,
     images_per_cell: Annotated[int, typer.Option("--images-per-cell", min=1, max=16,
                                                  help="Images shown per grid cell.")] = 4,
+    bootstrap_samples: Annotated[int, typer.Option(
+        "--bootstrap-samples", help="Bootstrap replicates of the selection assay's intervals (runs with "
+                                    "reference images).")] = 1000,
     json_output: JsonFlag = False,
 ) -> None:
     """Figures and a markdown summary of a chain run: phenotype (with fit), image grid, spectra, FD."""
@@ -66,8 +108,9 @@ def report(
         fail(f"{run_dir} is not a directory: give a run directory written by `qtm chain run` or `qtm demo`")
     if fit_path is not None and not fit_path.is_file():
         fail(f"--fit {fit_path} does not exist")
-    with writing("--out", out or run_dir / "report"), reported():
-        result = build_report(run_dir, fit_path=fit_path, out_dir=out, images_per_cell=images_per_cell)
+    with writing("--out", out or run_dir / "report"), reported({"num_bootstrap": "--bootstrap-samples"}):
+        result = build_report(run_dir, fit_path=fit_path, out_dir=out, images_per_cell=images_per_cell,
+                              num_bootstrap=bootstrap_samples)
     if json_output:
         print_json(result)
         return
@@ -82,4 +125,6 @@ def report(
                       str(r["num_images"]), "—" if fd != fd else f"{fd:.3g}")
     terminal = console()
     terminal.print(table)
+    for row in result.get("selection_routes", []):
+        terminal.print(row["sentence"], markup=False)
     terminal.print(f"report: {result['report']}")

@@ -1,8 +1,6 @@
 """`qtm fit` through the CLI: flags, outputs (--json, --out, --plot, tables) and error paths."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from tests.fitting.testdata import TRUTH_CONDITIONS, TRUTH_SHARED, recursion_phenotypes, results_dataset, summary_dataset
+from tests.commands import assert_runs_without_torch
 from qtm.cli import app
 from qtm.params import PARAM_NAMES
 
@@ -139,18 +138,7 @@ def test_bad_schema_version_names_file_and_attribute(tmp_path):
 
 
 def test_fit_never_imports_torch(run_dir):
-    code = (
-        "import sys, json\n"
-        "from typer.testing import CliRunner\n"
-        "from qtm.cli import app\n"
-        f"r = CliRunner().invoke(app, ['fit', {str(run_dir)!r}, '--json', '--starts', '1'])\n"
-        "assert r.exit_code == 0, r.output\n"
-        "json.loads(r.stdout)\n"
-        "print('torch' in sys.modules)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert_runs_without_torch(["fit", str(run_dir), "--json", "--starts", "1"])
 
 
 def test_run_in_progress_fits_the_finished_conditions(tmp_path):

@@ -116,3 +116,87 @@ def test_hidden_files_are_skipped(tmp_path):
     (run / "images" / "cfg1.0" / "1" / "._0000.png").write_bytes(b"\x00\x05\x16\x07")
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
+
+
+ASSAY_WINDOWS = {"cfg1.0": (0.05, 0.4), "cfg7.5": (0.3, 0.05)}
+FIT_WINDOWS = {"cfg1.0": {"r1": (0.06, 0.0, 0.2), "r2": (0.8, 0.7, 0.9)},   # r2 far from the truth, 0.4
+               "cfg7.5": {"r1": (0.3, 0.1, 0.5), "r2": (0.05, 0.0, 0.3)}}  # both hold the truth
+
+
+def make_assay_run(root: Path, *, with_fit: bool = True) -> Path:
+    """A hand-written run with reference images: hf_power is hf_power_reference truncated at the known
+    ASSAY_WINDOWS (tests.fitting.testdata.selection_experiment), and a hand-written fit.nc whose r1, r2
+    intervals (FIT_WINDOWS) hold the truth except cfg1.0's r2."""
+    from qtm.params import PARAM_NAMES
+    from tests.fitting.testdata import selection_experiment
+
+    ds = selection_experiment(ASSAY_WINDOWS, num_iterations=3, num_images=300)
+    rng = np.random.default_rng(1)
+    ds["radial_psd"] = (("condition", "iteration", "frequency"), rng.uniform(0.01, 1, (2, 4, 12)))
+    ds = ds.assign_coords(frequency=np.linspace(0, 0.7, 12))
+    run = root / "assay_run"
+    run.mkdir()
+    ds.to_netcdf(run / "metrics.nc", engine="h5netcdf")
+    if not with_fit:
+        return run
+    names = list(PARAM_NAMES)
+    values = np.full((2, len(names), 3), 0.1)
+    free = np.zeros((2, len(names)), bool)
+    for c, condition in enumerate(ASSAY_WINDOWS):
+        for parameter, triple in FIT_WINDOWS[condition].items():
+            values[c, names.index(parameter)] = triple
+            free[c, names.index(parameter)] = True
+    hf = ds["hf_power"].values
+    mean, sd, n = np.nanmean(hf, -1), np.nanstd(hf, -1, ddof=1), np.isfinite(hf).sum(-1)
+    cp, ci = ("condition", "parameter"), ("condition", "iteration")
+    fit = xr.Dataset(
+        {"estimate": (cp, values[..., 0]), "lower": (cp, values[..., 1]), "upper": (cp, values[..., 2]),
+         "free": (cp, free), "identified": (cp, np.ones_like(free)),
+         "observed_mean": (ci, mean), "observed_sd": (ci, sd), "observed_num_images": (ci, n),
+         "train": (("iteration",), np.ones(hf.shape[1], bool)), "fitted_mean": (ci, mean),
+         "mean_lower": (ci, mean - 0.002), "mean_upper": (ci, mean + 0.002),
+         "predict_lower": (ci, mean - 0.005), "predict_upper": (ci, mean + 0.005)},
+        coords={"condition": list(ASSAY_WINDOWS), "iteration": ds["iteration"].values, "parameter": names},
+        attrs={"fit_schema_version": 1, "model": "hard", "mutation": "none", "interval": "laplace",
+               "warnings": "[]"})
+    fit.to_netcdf(run / "fit.nc", engine="h5netcdf")
+    return run
+
+
+def test_report_shows_the_assay_next_to_the_fit(tmp_path):
+    run = make_assay_run(tmp_path)
+    result = CliRunner().invoke(app, ["report", str(run), "--json", "--bootstrap-samples", "200"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    for name in ("assay.png", "selection_routes.png"):
+        assert (run / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert str(run / "report" / name) in out["figures"].values()
+    verdicts = {(r["condition"], r["parameter"]): r["verdict"] for r in out["selection_routes"]}
+    assert verdicts == {("cfg1.0", "r1"): "agree", ("cfg1.0", "r2"): "disagree",
+                        ("cfg7.5", "r1"): "agree", ("cfg7.5", "r2"): "agree"}
+    for row in out["selection_routes"]:
+        assert [a["iteration"] for a in row["assay"]] == [1, 2, 3]
+        assert row["fit"]["estimate"] == FIT_WINDOWS[row["condition"]][row["parameter"]][0]
+    text = (run / "report" / "report.md").read_text()
+    assert "## Selection assay" in text and "![Selection assay](assay.png)" in text
+    assert "| cfg7.5 | 2 |" in text and "truncation" in text
+    assert "cfg1.0, r2: the fit's r2 = 0.8 [0.7, 0.9] overlaps none of the assay's intervals" in text
+    assert "the two routes agree." in text
+
+
+def test_report_with_reference_images_and_no_fit_shows_the_assay_alone(tmp_path):
+    run = make_assay_run(tmp_path, with_fit=False)
+    result = CliRunner().invoke(app, ["report", str(run), "--bootstrap-samples", "50"])
+    assert result.exit_code == 0, result.output
+    assert (run / "report" / "assay.png").is_file()
+    assert not (run / "report" / "selection_routes.png").exists()
+    text = (run / "report" / "report.md").read_text()
+    assert "## Selection assay" in text and "trajectory fit" not in text
+
+
+def test_report_without_reference_images_has_no_assay(tmp_path):
+    run, _ = make_run(tmp_path)
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert not (run / "report" / "assay.png").exists()
+    assert "Selection assay" not in (run / "report" / "report.md").read_text()

@@ -77,3 +77,40 @@ def recursion_phenotypes(conditions: dict, shared: dict, *, num_iterations: int,
     x = np.stack(out)
     x[:, 0] = x[0, 0]
     return x
+
+
+def strict_loads(text: str):
+    """json.loads that refuses NaN and Infinity (strict JSON, as scripts read it)."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def selection_experiment(windows: dict[str, tuple[float, float]], *, num_iterations: int = 3,
+                         num_images: int = 400, mu0: float = 0.3, sd: float = 0.05, h2: float = 0.5,
+                         seed: int = 0) -> xr.Dataset:
+    """A hand-written metrics.nc of a chain with reference images and a known truncation: per condition
+    (name -> (r1, r2)) and iteration k >= 1, hf_power_reference ~ N(mu_k, sd^2) and hf_power = that law
+    truncated at its r1 and 1 - r2 quantiles (scipy.stats.truncnorm); the mean moves by h2 times the
+    expected selection differential, mu_{k+1} = mu_k + h2 sd (phi(a) - phi(b)) / (1 - r1 - r2) (the
+    breeder's equation with the truncated normal's mean). Iteration 0 holds hf_power ~ N(mu0, sd^2) only."""
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    guided = np.zeros((len(windows), num_iterations + 1, num_images))
+    reference = np.full_like(guided, np.nan)
+    guided[:, 0] = rng.normal(mu0, sd, num_images)
+    for c, (r1, r2) in enumerate(windows.values()):
+        a, b = stats.norm.ppf(r1), stats.norm.ppf(1 - r2)
+        mu = mu0
+        for k in range(1, num_iterations + 1):
+            reference[c, k] = rng.normal(mu, sd, num_images)
+            guided[c, k] = stats.truncnorm.rvs(a, b, loc=mu, scale=sd, size=num_images, random_state=rng)
+            mu += h2 * sd * (stats.norm.pdf(a) - stats.norm.pdf(b)) / (1 - r1 - r2)
+    dims = ("condition", "iteration", "image")
+    return xr.Dataset({"hf_power": (dims, guided), "hf_power_reference": (dims, reference)},
+                      coords={"condition": list(windows), "iteration": np.arange(num_iterations + 1),
+                              "image": np.arange(num_images)}, attrs={"schema_version": 1})

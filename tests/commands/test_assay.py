@@ -1,50 +1,24 @@
 """`qtm assay` through the CLI: tables, --json (strict), --out, --plot, error paths, no torch."""
 
-import json
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import xarray as xr
-from scipy import stats
 from typer.testing import CliRunner
 
 from qtm.cli import app
+from tests.commands import assert_runs_without_torch
+from tests.fitting.testdata import selection_experiment, strict_loads
 
 runner = CliRunner()
 WINDOWS = {"cfg7.5": (0.3, 0.05), "cfg1": (0.05, 0.4)}
-
-
-def strict_loads(text):
-    def refuse(name):
-        raise ValueError(f"non-strict JSON constant {name}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A hand-written results dataset: 2 conditions x iterations 0..3 x 400 images, guided = the reference
     law truncated at a known window, the mean moving by half the selection differential."""
-    rng = np.random.default_rng(0)
-    num_iterations, n, sd = 3, 400, 0.05
-    guided = np.zeros((len(WINDOWS), num_iterations + 1, n))
-    reference = np.full_like(guided, np.nan)
-    guided[:, 0] = rng.normal(0.3, sd, n)
-    for c, (r1, r2) in enumerate(WINDOWS.values()):
-        a, b = stats.norm.ppf(r1), stats.norm.ppf(1 - r2)
-        mu = 0.3
-        for k in range(1, num_iterations + 1):
-            reference[c, k] = rng.normal(mu, sd, n)
-            guided[c, k] = stats.truncnorm.rvs(a, b, loc=mu, scale=sd, size=n, random_state=rng)
-            mu += 0.5 * sd * (stats.norm.pdf(a) - stats.norm.pdf(b)) / (1 - r1 - r2)
+    ds = selection_experiment(WINDOWS, num_iterations=3, num_images=400)
     root = tmp_path_factory.mktemp("results") / "toy"
     root.mkdir()
-    ds = xr.Dataset({"hf_power": (("condition", "iteration", "image"), guided),
-                     "hf_power_reference": (("condition", "iteration", "image"), reference)},
-                    coords={"condition": list(WINDOWS), "iteration": np.arange(num_iterations + 1),
-                            "image": np.arange(n)}, attrs={"schema_version": 1})
     ds.to_netcdf(root / "metrics.nc", engine="h5netcdf")
     ds.drop_vars("hf_power_reference").to_netcdf(root.parent / "no_reference.nc", engine="h5netcdf")
     return root
@@ -109,15 +83,4 @@ def test_bad_arguments(run_dir, tmp_path):
 
 
 def test_assay_never_imports_torch(run_dir):
-    code = (
-        "import sys, json\n"
-        "from typer.testing import CliRunner\n"
-        "from qtm.cli import app\n"
-        f"r = CliRunner().invoke(app, ['assay', {str(run_dir)!r}, '--json', '--bootstrap-samples', '20'])\n"
-        "assert r.exit_code == 0, r.output\n"
-        "json.loads(r.stdout)\n"
-        "print('torch' in sys.modules)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert_runs_without_torch(["assay", str(run_dir), "--json", "--bootstrap-samples", "20"])

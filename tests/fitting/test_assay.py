@@ -17,7 +17,10 @@ from fitting.assay import (
     assay_input_from_dataset,
     assay_json,
     cell_statistics,
+    compare_routes,
+    intervals_overlap,
     load_assay_input,
+    markdown_routes,
     realized_heritability_slope,
     reference_percentiles,
     response_and_heritability,
@@ -27,6 +30,7 @@ from fitting.assay import (
     window_empirical,
     window_normal,
 )
+from tests.fitting.testdata import strict_loads
 
 WINDOWS = ((0.05, 0.05), (0.05, 0.5), (0.5, 0.05), (0.25, 0.25), (0.1, 0.3), (0.0, 0.2))
 
@@ -34,13 +38,6 @@ WINDOWS = ((0.05, 0.05), (0.05, 0.5), (0.5, 0.05), (0.25, 0.25), (0.1, 0.3), (0.
 def truncated_sample(rng, r1, r2, size, mu=0.0, sd=1.0):
     a, b = stats.norm.ppf(r1), stats.norm.ppf(1 - r2)
     return stats.truncnorm.rvs(a, b, loc=mu, scale=sd, size=size, random_state=rng)
-
-
-def strict_loads(text):
-    def refuse(name):
-        raise ValueError(f"non-strict JSON constant {name}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,3 +375,87 @@ def test_bootstrap_intervals_cover_at_the_nominal_rate(window):
     print("coverage of 95 % intervals over 200 experiments:", json.dumps(coverage))
     for q, value in coverage.items():
         assert 0.91 <= value <= 0.99, (q, coverage)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The assay against a trajectory fit (qtm report)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_intervals_overlap_is_a_shared_point():
+    grid = np.linspace(-1, 2, 3001)
+    cases = [(0.0, 1.0, 0.5, 1.5), (0.0, 1.0, 1.0, 2.0), (0.0, 1.0, 1.001, 2.0), (0.2, 0.3, 0.0, 1.0),
+             (0.5, 0.5, 0.5, 0.5), (0.6, 0.9, 0.1, 0.59)]
+    for a_lo, a_hi, b_lo, b_hi in cases:
+        shared = np.any((grid >= a_lo - 1e-12) & (grid <= a_hi + 1e-12) & (grid >= b_lo - 1e-12)
+                        & (grid <= b_hi + 1e-12))
+        assert intervals_overlap(a_lo, a_hi, b_lo, b_hi) == shared == intervals_overlap(b_lo, b_hi, a_lo, a_hi)
+
+
+def _assay_ds(r1, r2):
+    """A minimal assay.nc: conditions x iterations 1..3 of (estimate, lower, upper) for r1 and r2."""
+    dims = ("condition", "iteration")
+    data = {}
+    for name, values in (("r1", np.asarray(r1, float)), ("r2", np.asarray(r2, float))):
+        for j, suffix in enumerate(("", "_lower", "_upper")):
+            data[name + suffix] = (dims, values[..., j])
+    return xr.Dataset(data, coords={"condition": ["a", "b", "only_assay"], "iteration": [1, 2, 3]})
+
+
+def _fit_ds(values, free, identified):
+    """A minimal fit.nc: (condition, parameter) estimate, lower, upper, free, identified for r1, r2."""
+    values = np.asarray(values, float)
+    cp = ("condition", "parameter")
+    return xr.Dataset({"estimate": (cp, values[..., 0]), "lower": (cp, values[..., 1]),
+                       "upper": (cp, values[..., 2]), "free": (cp, np.asarray(free)),
+                       "identified": (cp, np.asarray(identified))},
+                      coords={"condition": ["b", "a", "only_fit"], "parameter": ["r1", "r2"]})
+
+
+def test_compare_routes_verdicts_by_hand():
+    nan = np.nan
+    assay = _assay_ds(
+        r1=[[[0.10, 0.05, 0.15], [0.12, 0.08, 0.16], [0.11, 0.07, 0.14]],        # a
+            [[0.30, 0.25, 0.35], [0.50, 0.45, 0.55], [0.31, 0.26, 0.36]],        # b
+            [[0.1, 0.0, 0.2]] * 3],
+        r2=[[[0.40, 0.35, 0.45], [0.42, 0.37, 0.47], [nan, nan, nan]],           # a: iteration 3 not assayed
+            [[0.05, 0.02, 0.08], [0.06, 0.03, 0.09], [0.04, 0.01, 0.07]],        # b
+            [[0.1, 0.0, 0.2]] * 3])
+    fit = _fit_ds(values=[[[0.33, 0.28, 0.40], [0.20, 0.20, 0.20]],              # b: r1 free, r2 fixed at 0.2
+                          [[0.12, 0.00, 0.50], [0.80, 0.70, 0.90]],              # a
+                          [[0.1, 0.0, 0.2], [0.1, 0.0, 0.2]]],
+                  free=[[True, False], [True, True], [True, True]],
+                  identified=[[True, True], [False, True], [True, True]])
+    rows = {(r["condition"], r["parameter"]): r for r in compare_routes(assay, fit)}
+    assert set(rows) == {("a", "r1"), ("a", "r2"), ("b", "r1"), ("b", "r2")}  # only conditions in both
+    # a, r1: [0, 0.5] holds every assayed interval; the fit marks r1 as not identified
+    assert rows["a", "r1"]["verdict"] == "agree" and "not identified" in rows["a", "r1"]["sentence"]
+    # a, r2: [0.7, 0.9] against [0.35, 0.45], [0.37, 0.47]; iteration 3 has no interval and is left out
+    assert rows["a", "r2"]["verdict"] == "disagree"
+    assert [x["iteration"] for x in rows["a", "r2"]["assay"]] == [1, 2]
+    # b, r1: [0.28, 0.40] meets [0.25, 0.35] and [0.26, 0.36], not [0.45, 0.55]
+    assert rows["b", "r1"]["verdict"] == "partly"
+    assert [x["overlaps"] for x in rows["b", "r1"]["assay"]] == [True, False, True]
+    assert "at iteration(s) 1, 3 but not at 2" in rows["b", "r1"]["sentence"]
+    # b, r2: held fixed at 0.2, outside every assayed interval
+    assert rows["b", "r2"]["verdict"] == "disagree" and "fixed at 0.2" in rows["b", "r2"]["sentence"]
+    assert rows["b", "r2"]["fit"]["lower"] == rows["b", "r2"]["fit"]["upper"] == 0.2
+    # no finite interval in the fit: not comparable
+    broken = fit.copy(deep=True)
+    broken["upper"].loc[{"condition": "a", "parameter": "r1"}] = np.inf
+    row = next(r for r in compare_routes(assay, broken) if (r["condition"], r["parameter"]) == ("a", "r1"))
+    assert row["verdict"] == "not comparable"
+
+
+def test_markdown_routes_has_one_row_and_one_sentence_per_parameter():
+    rows = [{"condition": "a", "parameter": "r1", "verdict": "agree", "sentence": "a, r1: they agree.",
+             "fit": {"estimate": 0.1, "lower": 0.0, "upper": 0.2, "free": True, "identified": True},
+             "assay": [{"iteration": 1, "estimate": 0.12, "lower": 0.1, "upper": 0.14, "overlaps": True}]},
+            {"condition": "a", "parameter": "r2", "verdict": "not comparable", "sentence": "a, r2: no assay.",
+             "fit": {"estimate": 0.3, "lower": 0.3, "upper": 0.3, "free": False, "identified": True},
+             "assay": []}]
+    text = markdown_routes(rows, figure="routes.png")
+    assert "| a | r1 | 0.1 [0, 0.2] | 1: 0.12 [0.1, 0.14] | agree |" in text
+    assert "| a | r2 | 0.3 (fixed) | — | not comparable |" in text
+    assert "![Selection window by both routes](routes.png)" in text
+    assert text.endswith("- a, r1: they agree.\n- a, r2: no assay.\n")
