@@ -13,8 +13,9 @@ import math
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from chain.constraints import field_problems, show_value, spec
 from chain.guidance import SCHEDULES, schedule_fields, schedule_to_table
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -22,61 +23,74 @@ TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "f
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message names the file and the field."""
+    """A configuration problem; the message names the file and the field (one line per bad value)."""
+
+
+DEVICE_PATTERN = r"auto|cpu|cuda|cuda:[0-9]+"
+NAME_PATTERN = r"[A-Za-z0-9_+=,@-][A-Za-z0-9._+=,@-]*"
+INT64_MAX = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The chain itself (Section 3.1) and the paper's variants (Appendix C.2, C.3, C.12, E.4)."""
 
-    num_iterations: int = 5
-    seed: int = 0
+    num_iterations: int = spec(5, ge=1)
+    seed: int = spec(0, ge=0, le=INT64_MAX)
     # Fraction of each training set replaced by the original image of the same prompt (App. C.3).
-    real_mix_ratio: float = 0.0
+    real_mix_ratio: float = spec(0.0, ge=0.0, le=1.0)
     # Train M_k on the images of the last `accumulate_iterations` iterations (1 = D_{k-1} only; 0 = all of
     # D_0 .. D_{k-1}) (App. C.12).
-    accumulate_iterations: int = 1
+    accumulate_iterations: int = spec(1, ge=0, note="0 = all previous iterations")
     # Continue the previous iteration's LoRA instead of a fresh one on M_0 (App. E.4).
     continual_finetuning: bool = False
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    device: str = spec("auto", pattern=DEVICE_PATTERN, pattern_help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     dataset_name: str = ""  # recorded in metrics.nc attrs; defaults to the data folder's name
+
+
+DATA_SOURCES = ("folder", "toy")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """D_0: a captioned image folder (kohya: same-name caption files) or an HF imagefolder."""
+    """D_0: a captioned image folder (kohya: same-name caption files) or an HF imagefolder (source =
+    "folder", the default), or the embedded toy world's procedural images (source = "toy"), written
+    deterministically from `toy_seed` into the run folder's data/ so D_0 is part of the run."""
 
-    path: str
-    caption_extension: str = ".txt"  # kohya's default is ".caption"; the paper's folders use ".txt"
-    format: str = "auto"  # "auto" | "captions" | "metadata" (metadata.jsonl with file_name + text)
-    resolution: int = 512
+    path: str = ""  # the folder (source = "folder"); unused for source = "toy"
+    source: str = spec("folder", choices=DATA_SOURCES)
+    toy_images: int = spec(24, ge=1, le=100_000, note="number of toy images, source = 'toy'")
+    toy_seed: int = spec(0, ge=0, le=INT64_MAX)
+    caption_extension: str = spec(".txt", pattern=r"\.[A-Za-z0-9_.-]+", pattern_help="an extension such as '.txt'")
+    format: str = spec("auto", choices=("auto", "captions", "metadata"))  # metadata: metadata.jsonl
+    resolution: int = spec(512, ge=8, le=8192)
     center_crop: bool = True
-    max_images: int = 0  # 0 = all images
+    max_images: int = spec(0, ge=0, note="0 = all images")
 
 
 @dataclasses.dataclass(frozen=True)
 class TinyModelConfig:
     """A tiny random base model built from configs (tests and CPU examples); see chain.models."""
 
-    seed: int = 0
+    seed: int = spec(0, ge=0, le=INT64_MAX)
     latent: bool = True  # with a tiny VAE (latent space); False: pixel space (no vae/)
-    block_out_channels: tuple[int, ...] = (16, 32)
-    layers_per_block: int = 1
-    cross_attention_dim: int = 32
-    attention_head_dim: int = 32
-    norm_num_groups: int = 8
-    text_hidden_size: int = 32
-    text_layers: int = 3
-    text_intermediate_size: int = 64
-    vae_block_out_channels: tuple[int, ...] = (8, 16)
-    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = spec((16, 32), ge=1, nonempty=True)
+    layers_per_block: int = spec(1, ge=1)
+    cross_attention_dim: int = spec(32, ge=1)
+    attention_head_dim: int = spec(32, ge=1)
+    norm_num_groups: int = spec(8, ge=1)
+    text_hidden_size: int = spec(32, ge=1)
+    text_layers: int = spec(3, ge=1)
+    text_intermediate_size: int = spec(64, ge=1)
+    vae_block_out_channels: tuple[int, ...] = spec((8, 16), ge=1, nonempty=True)
+    latent_channels: int = spec(4, ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """M_0: a diffusers-format folder or HF cache id (offline), or "tiny" (built from `tiny`)."""
 
-    path: str
+    path: str = spec(nonempty=True)
     vae: str = ""  # a fixed external VAE (folder or HF id), e.g. sd-vae-ft-mse; "" = the model's own
     tiny: TinyModelConfig = TinyModelConfig()
 
@@ -85,60 +99,97 @@ class ModelConfig:
 class FinetuneConfig:
     """LoRA finetuning, Table 1 of the paper in kohya sd-scripts terms (REFERENCE.md)."""
 
-    rank: int = 32
-    alpha: float = 8.0
-    unet_lr: float = 1e-4
-    text_encoder_lr: float = 5e-5
+    rank: int = spec(32, ge=1)
+    alpha: float = spec(8.0, gt=0.0)
+    unet_lr: float = spec(1e-4, ge=0.0)
+    text_encoder_lr: float = spec(5e-5, ge=0.0)
     train_text_encoder: bool = True
-    batch_size: int = 6  # the global batch, whatever the number of processes
-    epochs: int = 100
-    max_train_steps: int = 0  # 0 = epochs decide
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (LoRA weights stay float32)
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    min_snr_gamma: float = 5.0  # 0 = plain MSE
-    noise_offset: float = 0.0
-    max_grad_norm: float = 1.0  # over all LoRA parameters together; 0 = no clipping
-    clip_skip: int = 2
+    batch_size: int = spec(6, ge=1)  # the global batch, whatever the number of processes
+    epochs: int = spec(100, ge=0)
+    max_train_steps: int = spec(0, ge=0, note="0 = epochs decide")
+    mixed_precision: str = spec("no", choices=("no", "fp16", "bf16"))  # LoRA weights stay float32
+    weight_decay: float = spec(0.01, ge=0.0)
+    adam_beta1: float = spec(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = spec(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = spec(1e-8, gt=0.0)
+    min_snr_gamma: float = spec(5.0, ge=0.0, note="0 = plain MSE")
+    noise_offset: float = spec(0.0, ge=0.0)
+    max_grad_norm: float = spec(1.0, ge=0.0, note="over all LoRA parameters together; 0 = no clipping")
+    clip_skip: int = spec(2, ge=1, note="1 = the text encoder's last layer")
     flip: bool = True
-    cache_latents: bool = True
-    unet_target_modules: tuple[str, ...] = UNET_LORA_TARGETS
-    text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_LORA_TARGETS
+    cache_latents: bool = spec(True, choices=(True,), note="latents (both flips) are always encoded once and "
+                               "cached; a fresh VAE sample per step is not implemented")
+    unet_target_modules: tuple[str, ...] = spec(UNET_LORA_TARGETS, choices=UNET_LORA_TARGETS, nonempty=True)
+    text_encoder_target_modules: tuple[str, ...] = spec(
+        TEXT_ENCODER_LORA_TARGETS, choices=TEXT_ENCODER_LORA_TARGETS, nonempty=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """Generation with the written-out Euler-ancestral loop (chain.sampling)."""
 
-    num_steps: int = 30
-    batch_size: int = 8
-    images_per_prompt: int = 1  # App. C.2
-    latent_histogram_bins: int = 64
-    latent_histogram_range: float = 4.0  # histogram of final latents over [-range, range]
+    num_steps: int = spec(30, ge=1)
+    batch_size: int = spec(8, ge=1)
+    images_per_prompt: int = spec(1, ge=1)  # App. C.2
+    latent_histogram_bins: int = spec(64, ge=1)
+    latent_histogram_range: float = spec(4.0, gt=0.0, note="histogram of final latents over [-range, range]")
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     """Optional feature metrics; "" switches one off (its variables stay NaN)."""
 
-    encoder: str = ""  # "" | "dinov2:<folder or HF id>"
+    encoder: str = spec("", pattern=r"(dinov2:.+)?", pattern_help="'' or 'dinov2:<folder or HF id>'")
     clip_model: str = ""  # "" | a CLIP folder or HF id for clip_score
-    recall_k: int = 5
-    batch_size: int = 32
+    recall_k: int = spec(5, ge=1)
+    batch_size: int = spec(32, ge=1)
     # The phenotype's threshold in cycles/pixel (Eq. 14): 0.02 at 256 pixels, i.e. 5.1 cycles per image;
     # for smaller images keep the cycles per image: 0.02 * 256 / resolution (0.16 at 32 pixels).
-    phenotype_tau: float = 0.02
+    phenotype_tau: float = spec(0.02, ge=0.0, lt=0.7072, note="cycles/pixel, below 1/sqrt(2); 0.02 at 256 pixels")
 
 
 @dataclasses.dataclass(frozen=True)
 class ConditionConfig:
     """One condition of a run: a guidance schedule and a condition-drop probability."""
 
-    name: str
-    guidance: Any  # a chain.guidance schedule
-    condition_drop: float = 0.0
+    name: str = spec(pattern=NAME_PATTERN, pattern_help="a folder-safe name (letters, digits, '._+=,@-', "
+                     "not starting with '.')")
+    guidance: Any = dataclasses.field(default=None, metadata={"flatten": True})  # a chain.guidance schedule
+    condition_drop: float = spec(0.0, ge=0.0, le=1.0)
+
+
+def _tiny_factor(t: TinyModelConfig) -> int:
+    """The side of the smallest feature map is resolution / this factor (VAE x UNet downsampling)."""
+    vae = 2 ** (len(t.vae_block_out_channels) - 1) if t.latent else 1
+    return vae * 2 ** max(len(t.block_out_channels) - 1, 0)
+
+
+# Consistency between fields: (fields named in the message, predicate on the config, what is allowed).
+CROSS_FIELD_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    (("finetune.epochs", "finetune.max_train_steps"),
+     lambda c: c.finetune.epochs >= 1 or c.finetune.max_train_steps >= 1,
+     "one of them must be >= 1 (max_train_steps = 0 lets epochs decide)"),
+    (("data.path",), lambda c: c.data.source != "folder" or bool(c.data.path),
+     "must name the D_0 folder (or set data.source = 'toy')"),
+    (("model.tiny.block_out_channels",), lambda c: len(c.model.tiny.block_out_channels) >= 2,
+     "needs at least two UNet blocks"),
+    (("model.tiny.block_out_channels", "model.tiny.norm_num_groups"),
+     lambda c: all(ch % c.model.tiny.norm_num_groups == 0 for ch in c.model.tiny.block_out_channels),
+     "every channel count must be a multiple of norm_num_groups"),
+    (("model.tiny.vae_block_out_channels",),
+     lambda c: all(ch % min(c.model.tiny.vae_block_out_channels[0], 4) == 0 for ch in c.model.tiny.vae_block_out_channels),
+     "every channel count must be a multiple of min(first channel count, 4) (the VAE's group norm)"),
+    (("model.tiny.text_hidden_size", "model.tiny.cross_attention_dim"),
+     lambda c: c.model.tiny.text_hidden_size == c.model.tiny.cross_attention_dim, "must be equal"),
+    (("data.resolution", "model.tiny"),
+     lambda c: c.model.path != "tiny" or c.data.resolution % _tiny_factor(c.model.tiny) == 0,
+     "the resolution must be a multiple of the tiny model's downsampling factor (VAE x UNet), else images "
+     "would be measured at one size and generated at another"),
+    (("finetune.clip_skip", "model.tiny.text_layers"),
+     lambda c: c.model.path != "tiny" or c.finetune.clip_skip <= c.model.tiny.text_layers,
+     "clip_skip counts text-encoder layers from the last one and cannot exceed text_layers"),
+    (("conditions",), lambda c: len(c.conditions) >= 1, "needs at least one [[conditions]] table"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,55 +203,45 @@ class ChainConfig:
     metrics: MetricsConfig = MetricsConfig()
 
     def validate(self, where: str = "config") -> None:
-        """Range checks across fields; raises ConfigError naming the field."""
+        """Raise ConfigError listing every bad value, one line each (see config_problems)."""
+        problems = config_problems(self)
+        if problems:
+            raise ConfigError("\n".join(f"{where}: {p}" for p in problems))
 
-        def bad(field: str, why: str) -> None:
-            raise ConfigError(f"{where}: field '{field}' {why}")
 
-        if self.run.num_iterations < 1:
-            bad("run.num_iterations", "must be >= 1")
-        if not 0.0 <= self.run.real_mix_ratio <= 1.0:
-            bad("run.real_mix_ratio", "must lie in [0, 1]")
-        if self.run.accumulate_iterations < 0:
-            bad("run.accumulate_iterations", "must be >= 0 (0 = all previous iterations)")
-        if self.data.format not in ("auto", "captions", "metadata"):
-            bad("data.format", "must be 'auto', 'captions' or 'metadata'")
-        if self.data.resolution < 8:
-            bad("data.resolution", "must be >= 8")
-        if self.data.max_images < 0:
-            bad("data.max_images", "must be >= 0")
-        f = self.finetune
-        if f.rank < 1:
-            bad("finetune.rank", "must be >= 1")
-        if f.batch_size < 1:
-            bad("finetune.batch_size", "must be >= 1")
-        if f.epochs < 1 and f.max_train_steps < 1:
-            bad("finetune.epochs", "must be >= 1 (or set finetune.max_train_steps)")
-        if f.mixed_precision not in ("no", "fp16", "bf16"):
-            bad("finetune.mixed_precision", "must be 'no', 'fp16' or 'bf16'")
-        if f.clip_skip < 1:
-            bad("finetune.clip_skip", "must be >= 1 (1 = last layer)")
-        if self.sampling.num_steps < 1:
-            bad("sampling.num_steps", "must be >= 1")
-        if self.sampling.batch_size < 1:
-            bad("sampling.batch_size", "must be >= 1")
-        if not self.finetune.cache_latents:
-            bad("finetune.cache_latents", "must be true: latents (both flips) are always encoded once and cached; "
-                "a fresh VAE sample per step is not implemented")
-        if not 0.0 <= self.metrics.phenotype_tau < 0.7072:
-            bad("metrics.phenotype_tau", "must lie in [0, 1/sqrt(2)) cycles/pixel (0.02 at 256 pixels)")
-        if self.sampling.images_per_prompt < 1:
-            bad("sampling.images_per_prompt", "must be >= 1")
-        if not self.conditions:
-            bad("conditions", "needs at least one [[conditions]] table")
-        names = [c.name for c in self.conditions]
-        for i, c in enumerate(self.conditions):
-            if not c.name or "/" in c.name or c.name.startswith("."):
-                bad(f"conditions[{i}].name", "must be a non-empty folder-safe name")
-            if names.count(c.name) > 1:
-                bad(f"conditions[{i}].name", f"{c.name!r} is used twice")
-            if not 0.0 <= c.condition_drop <= 1.0:
-                bad(f"conditions[{i}].condition_drop", "must lie in [0, 1]")
+def config_problems(config: ChainConfig) -> list[str]:
+    """Every field's declared constraint (chain.constraints.spec beside the field), then the cross-field
+    rules (CROSS_FIELD_RULES); one line per problem naming the field, the value and what is allowed."""
+    problems: list[str] = []
+    for f in dataclasses.fields(config):
+        if f.name != "conditions":
+            problems += field_problems(getattr(config, f.name), f.name)
+    names = [c.name for c in config.conditions]
+    for i, c in enumerate(config.conditions):
+        own = field_problems(c, f"conditions[{i}]")
+        problems += own
+        if names.count(c.name) > 1 and names.index(c.name) < i:
+            problems.append(f"field 'conditions[{i}].name' = {show_value(c.name)}: must be unique (used twice)")
+        g = c.guidance
+        if not own and hasattr(g, "sigma_low") and hasattr(g, "sigma_high") and not g.sigma_low < g.sigma_high:
+            problems.append(f"fields 'conditions[{i}].sigma_low' = {show_value(g.sigma_low)}, "
+                            f"'conditions[{i}].sigma_high' = {show_value(g.sigma_high)}: must have sigma_low < sigma_high")
+    if problems:  # cross-field rules assume every field is in range
+        return problems
+    for fields, ok, allowed in CROSS_FIELD_RULES:
+        if not ok(config):
+            shown = ", ".join(f"'{name}' = {_field_value(config, name)}" for name in fields)
+            problems.append(f"{'field' if len(fields) == 1 else 'fields'} {shown}: {allowed}")
+    return problems
+
+
+def _field_value(config: ChainConfig, dotted: str) -> str:
+    obj: Any = config
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    if dataclasses.is_dataclass(obj):
+        return "{" + ", ".join(f"{f.name} = {show_value(getattr(obj, f.name))}" for f in dataclasses.fields(obj)) + "}"
+    return show_value(obj)
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -409,6 +409,9 @@ def run_chain(
     """
     from accelerate import Accelerator
 
+    from chain.preflight import preflight
+
+    preflight(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = config.run.device

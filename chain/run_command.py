@@ -18,6 +18,13 @@ def run(
 ) -> None:
     """Finetune and generate for every condition and iteration; write metrics.nc after each one."""
     from chain.config import ConfigError, load_config
+
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a folder; name a new or existing run folder")
+    try:  # checked before torch or any model is imported
+        cfg = load_config(config)
+    except ConfigError as exc:
+        fail(str(exc))
     from chain.data import DatasetError
     from chain.models import ModelLoadError
     from chain.run import RunError, run_chain
@@ -29,7 +36,6 @@ def run(
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        cfg = load_config(config)
         ds = run_chain(cfg, out, progress=progress and not json_output)
     except (ConfigError, DatasetError, ModelLoadError, RunError) as exc:
         fail(str(exc))

@@ -115,6 +115,9 @@ def fit(
     for flag, target in (("--out", out), ("--plot", plot)):
         if target is not None and target.exists() and target.is_dir():
             fail(f"{flag} {target} is a directory; give a file name")
+    if plot is not None and plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        fail(f"--plot {plot}: unknown figure format {plot.suffix or '(no extension)'!r}; use one of "
+             f"{', '.join('.' + f for f in PLOT_FORMATS)}")
 
     err = Console(stderr=True)
     try:
@@ -150,6 +153,9 @@ def fit(
         for label, target in (("fit dataset", out), ("figure", plot)):
             if target is not None:
                 Console().print(f"{label}: {target}", markup=False)
+
+
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")  # matplotlib writers
 
 
 class _progress:

@@ -13,8 +13,10 @@ import typer
 
 
 def fail(message: str, *, code: int = 2) -> NoReturn:
-    """Print one clear error line on stderr and exit non-zero."""
-    typer.echo(f"error: {message}", err=True)
+    """Print one clear error line on stderr (one per line of `message`, e.g. one per bad config value) and
+    exit non-zero."""
+    for line in str(message).splitlines() or [""]:
+        typer.echo(f"error: {line}", err=True)
     raise typer.Exit(code)
 
 

@@ -127,6 +127,8 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print the written paths and the table as JSON.")] = False,
 ) -> None:
     """The whole loop on the embedded toy world: chain (low CFG, high CFG, ReDiFine), fit, report."""
+    if seed < 0:
+        fail(f"--seed {seed}: must be >= 0")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a directory")
     settings = DemoSettings.quick() if quick else DemoSettings()
