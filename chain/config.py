@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -372,8 +373,9 @@ def _resolve_paths(config: ChainConfig, base_dir: Path) -> ChainConfig:
     return dataclasses.replace(config, data=data, model=model)
 
 
-def load_config(path: str | Path) -> ChainConfig:
-    """Read a TOML config file; errors name the file and the field."""
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ChainConfig:
+    """Read a TOML config file, apply `--set section.key=value` overrides (apply_overrides), check it;
+    errors name the file and the field."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -381,7 +383,83 @@ def load_config(path: str | Path) -> ChainConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = apply_overrides(data, overrides, where=str(path))
     return config_from_dict(data, where=str(path), base_dir=path.parent.resolve())
+
+
+_INDEXED = re.compile(r"conditions\[([0-9]+)\]")
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`section.key=value` -> (["section", "key"], value). The value is read as a TOML value (3, 1e-4, true,
+    "text", [1, 2]); a value that is not valid TOML is taken as a plain string (`run.device=cpu`).
+    Conditions are addressed by position: `conditions[0].scale=5`."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set sampling.num_steps=20")
+    parts: list[str | int] = []
+    for part in key.split("."):
+        m = _INDEXED.fullmatch(part)
+        parts += ["conditions", int(m.group(1))] if m else [part]
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def _known_keys(cls: type) -> set[str]:
+    return {f.metadata.get("key", f.name) for f in dataclasses.fields(cls)}
+
+
+def apply_overrides(doc: dict, overrides: typing.Sequence[str], *, where: str = "config") -> dict:
+    """A copy of TOML document `doc` with every `section.key=value` of `overrides` set (in order), before the
+    config is built and checked. An unknown section or key is refused naming it; the resolved config (and so
+    the run's config.toml) holds the result."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    hints = typing.get_type_hints(ChainConfig)
+    for text in overrides:
+        parts, value = parse_override(text)
+        dotted = text.partition("=")[0].strip()
+        if parts[0] == "conditions":
+            conditions = doc.get("conditions") or []
+            if len(parts) != 3 or not isinstance(parts[1], int):
+                raise ConfigError(f"--set {dotted}: address a condition as conditions[N].key")
+            if parts[1] >= len(conditions):
+                raise ConfigError(f"--set {dotted}: {where} has {len(conditions)} [[conditions]] tables "
+                                  f"(conditions[0] .. conditions[{len(conditions) - 1}])")
+            table = conditions[parts[1]]
+            schedule = SCHEDULES.get(value if parts[2] == "schedule" else table.get("schedule", "constant"))
+            known = {"name", "condition_drop", "schedule"} | (set(schedule_fields(schedule)) if schedule else set())
+            if parts[2] not in known:
+                raise ConfigError(f"--set {dotted}: unknown key '{parts[2]}' for a condition (known: "
+                                  f"{', '.join(sorted(known))})")
+            table[parts[2]] = value
+            continue
+        cls: Any = ChainConfig
+        table = doc
+        for i, part in enumerate(parts):
+            known = _known_keys(cls) - {"conditions"}
+            if not isinstance(part, str) or part not in known:
+                prefix = ".".join(map(str, parts[:i])) or "top level"
+                raise ConfigError(f"--set {dotted}: unknown key '{part}' in [{prefix}] (known: "
+                                  f"{', '.join(sorted(known))})")
+            hint = typing.get_type_hints(cls)[part] if cls is not ChainConfig else hints[part]
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(hint):
+                    raise ConfigError(f"--set {dotted}: names a table; set one of its keys, e.g. {dotted}.KEY=VALUE")
+                table[part] = value
+            else:
+                if not dataclasses.is_dataclass(hint):
+                    raise ConfigError(f"--set {dotted}: '{part}' is a value, not a table")
+                sub = table.setdefault(part, {})
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"{where}: '{'.'.join(map(str, parts[:i + 1]))}' must be a table")
+                table, cls = sub, hint
+    return doc
 
 
 # ------------------------------------------------------------------------------------------------ writing

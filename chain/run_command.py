@@ -13,6 +13,9 @@ from qtm.cli_common import fail, print_json
 def run(
     config: Annotated[Path, typer.Argument(help="TOML config (see examples/tiny_cpu.toml, examples/paper_sd15.toml).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder, e.g. results/NAME; rerunning continues it.")],
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override one config value, section.key=value (a TOML value), e.g. --set "
+                      "sampling.num_steps=20 --set run.seed=3; repeatable. Stored in the run's config.toml.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Rich progress bars.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of a table.")] = False,
 ) -> None:
@@ -22,7 +25,7 @@ def run(
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a folder; name a new or existing run folder")
     try:  # checked before torch or any model is imported
-        cfg = load_config(config)
+        cfg = load_config(config, overrides or ())
     except ConfigError as exc:
         fail(str(exc))
     from chain.data import DatasetError
