@@ -424,8 +424,12 @@ def run_chain(
             f"finetune.batch_size = {config.finetune.batch_size} is not divisible by the "
             f"{accelerator.num_processes} processes: the global batch is split evenly; change one of them"
         )
+    from chain.inputs import prepare_data
+
+    with accelerator.main_process_first():  # data.source = "toy": D_0 is written into the run folder once
+        data_path = prepare_data(config, out_dir)
     originals = load_captioned_folder(
-        config.data.path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
+        data_path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
         format=config.data.format, center_crop=config.data.center_crop, max_images=config.data.max_images,
     )
     if is_main:
@@ -454,13 +458,14 @@ def run_chain(
             raise RunError(f"{metrics_path} does not match the config's conditions/iterations; use a new --out")
         if ds.sizes["image"] != n * ipp:
             raise RunError(
-                f"{metrics_path} holds {ds.sizes['image']} images per iteration but {config.data.path} now gives "
+                f"{metrics_path} holds {ds.sizes['image']} images per iteration but {data_path} now gives "
                 f"{n * ipp} ({n} images x {ipp} per prompt): the original images changed since this run started; "
                 "restore them or use a new --out"
             )
     else:
         attrs = {
-            "dataset": config.run.dataset_name or Path(config.data.path).name,
+            "dataset": config.run.dataset_name or (f"toy-d0-seed{config.data.toy_seed}" if config.data.source == "toy"
+                                                    else Path(config.data.path).name),
             "base_model": base_source,
             "seed": config.run.seed,
             "git_revision": _git_revision(),
