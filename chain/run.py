@@ -35,6 +35,7 @@ from chain.config import ChainConfig, ConditionConfig, config_to_toml
 from chain.data import CaptionedDataset, load_captioned_folder
 from chain.atomic import write_text_atomic
 from chain.images import list_images, load_image, save_image
+from chain.runlock import holds_run_folder
 from chain.sampling import image_seed, make_generator
 from chain import store
 
@@ -388,6 +389,7 @@ def _build_clip(config: ChainConfig, device):
 # ------------------------------------------------------------------------------------------------ the driver
 
 
+@holds_run_folder(RunError)  # one process per run folder (chain.runlock)
 def run_chain(
     config: ChainConfig,
     out_dir: str | Path,
