@@ -33,3 +33,74 @@ def prepare_data(config: ChainConfig, out_dir: str | Path) -> Path:
         make_toy_dataset(folder, num_images=config.data.toy_images, seed=config.data.toy_seed,
                          resolution=config.data.resolution, distribution="d0")
     return folder
+
+
+# ------------------------------------------------------------------------------------------------ fingerprint
+
+INPUTS_NAME = "inputs.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def fingerprint_folder(folder: str | Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder` (relative POSIX path -> hex digest): image bytes, caption files
+    and metadata.jsonl alike. Hidden files (names starting with ".") are left out."""
+    import hashlib
+
+    folder = Path(folder)
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[rel.as_posix()] = h.hexdigest()
+    return out
+
+
+def _kind(name: str) -> str:
+    return "image" if Path(name).suffix.lower() in IMAGE_SUFFIXES else "caption"
+
+
+def describe_changes(before: dict[str, str], after: dict[str, str], *, limit: int = 5) -> list[str]:
+    """What changed between two fingerprints, e.g. ["image a.png changed", "caption b.txt added"]."""
+
+    def listed(names: list[str], what: str) -> list[str]:
+        items = [f"{_kind(n)} {n} {what}" for n in names[:limit]]
+        if len(names) > limit:
+            items.append(f"and {len(names) - limit} more {what}")
+        return items
+
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(n for n in set(before) & set(after) if before[n] != after[n])
+    return listed(changed, "changed") + listed(added, "added") + listed(removed, "removed")
+
+
+def check_or_record_inputs(config: ChainConfig, data_path: Path, out_dir: str | Path) -> tuple[str | None, str | None]:
+    """Fingerprint D_0 into <run folder>/inputs.json, or check it against the one recorded there when the
+    run has produced results (a resume). Returns (problem, note): a problem when D_0 changed under the run
+    (naming what changed), a note when an older run folder without a fingerprint got one now."""
+    import json
+
+    from chain.atomic import write_text_atomic
+
+    out_dir = Path(out_dir)
+    path = out_dir / INPUTS_NAME
+    files = fingerprint_folder(data_path)
+    resumed = (out_dir / "metrics.nc").exists()
+    if resumed and path.is_file():
+        recorded = json.loads(path.read_text())["data"]["files"]
+        changes = describe_changes(recorded, files)
+        if changes:
+            return (f"the original images changed since this run started (D_0, {data_path}): "
+                    f"{'; '.join(changes)}. Restore them, or use a new --out for the new data"), None
+        return None, None
+    doc = {"data": {"folder": str(data_path), "source": config.data.source, "files": files}}
+    write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    if resumed:
+        return None, (f"{path}: this run folder had no fingerprint of D_0; recorded the current content of "
+                      f"{data_path} ({len(files)} files), which later resumes check")
+    return None, None
