@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import subprocess
 import sys
@@ -104,11 +103,13 @@ class Reporter:
             self.progress.stop()
 
     def event(self, kind: str, **fields) -> None:
+        from qtm.cli_common import dumps_strict
+
         if self.log_path is None:
             return
         row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "event": kind, **fields}
         with open(self.log_path, "a") as fh:
-            fh.write(json.dumps(row, default=float) + "\n")
+            fh.write(dumps_strict(row) + "\n")  # strict JSON: NaN -> null, inf -> "inf"
 
     def task(self, description: str, total: int):
         if self.progress is None:

@@ -7,6 +7,7 @@ a table on the terminal (or `--json`), `--out fit.nc`, `--plot fit.png`. Heavy i
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -159,20 +160,37 @@ PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", 
 
 
 class _progress:
-    """Rich progress bars on stderr (only on a terminal); `progress(description, total)` -> advance()."""
+    """Progress on stderr: Rich bars on a terminal; elsewhere (a log file, a pipe, CI) one line when a stage
+    starts and one when it ends. `progress(description, total)` -> advance()."""
 
     def __init__(self, console):
         from rich.progress import Progress
 
+        self._console = console
         self._bar = Progress(console=console, transient=True, disable=not console.is_terminal)
 
     def __enter__(self):
         self._bar.__enter__()
+        if not self._console.is_terminal:
+            return self._lines
 
         def start(description: str, total: int):
             task = self._bar.add_task(description, total=total)
             return lambda: self._bar.advance(task)
         return start
+
+    @staticmethod
+    def _lines(description: str, total: int):
+        import time
+
+        t0, done = time.perf_counter(), [0]
+        print(f"qtm fit: {description} ({total})", file=sys.stderr, flush=True)
+
+        def advance():
+            done[0] += 1
+            if done[0] == total:
+                print(f"qtm fit: {description} done ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        return advance
 
     def __exit__(self, *exc):
         return self._bar.__exit__(*exc)
