@@ -239,12 +239,14 @@ def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
     text = config_to_toml(config)
     produced = (out_dir / "metrics.nc").exists() or (out_dir / "base_model").exists()
     if path.exists() and produced:  # before anything is produced a corrected config simply replaces it
-        if path.read_text() != text:
-            raise RunError(
-                f"{path} holds a different configuration: this folder belongs to another run. Use a new --out, "
-                "or delete the folder to start over"
-            )
-        return
+        from chain.resume import config_change_problem
+
+        recorded = path.read_text()
+        if recorded == text:
+            return
+        problem = config_change_problem(recorded, config, str(path))  # names the fields that differ
+        if problem:
+            raise RunError(problem)
     write_text_atomic(path, text)
 
 
@@ -462,6 +464,10 @@ def run_chain(
     accelerator.wait_for_everyone()
     if metrics_path.exists():
         ds = store.read_metrics(metrics_path)
+        if ds.sizes["iteration"] < config.run.num_iterations + 1:  # run.num_iterations raised: continue
+            from chain.resume import extend_iterations
+
+            ds = extend_iterations(ds, config.run.num_iterations, config_to_toml(config))
         expected = [c.name for c in config.conditions]
         if list(map(str, ds.condition.values)) != expected or ds.sizes["iteration"] != config.run.num_iterations + 1:
             raise RunError(f"{metrics_path} does not match the config's conditions/iterations; use a new --out")

@@ -92,7 +92,11 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
     previous = out / "config.toml"
     if (out / "metrics.nc").exists() and previous.is_file() and previous.read_text() != config_to_toml(config):
         # checked before D_0 is touched, so another run's images are never rewritten
-        raise RunError(f"{previous} holds a different configuration: this folder belongs to another run")
+        from chain.resume import config_change_problem
+
+        problem = config_change_problem(previous.read_text(), config, str(previous))
+        if problem:
+            raise RunError(problem)
     # D_0 is a pure function of the seed: (re)write it unless exactly the expected image/caption pairs are
     # there (a demo killed while writing it leaves a partial folder; rewriting gives the same bytes).
     pngs = sorted(data_dir.glob("*.png"))
