@@ -36,8 +36,8 @@ INT64_MAX = 2**63 - 1
 class RunConfig:
     """The chain itself (Section 3.1) and the paper's variants (Appendix C.2, C.3, C.12, E.4)."""
 
-    num_iterations: int = spec(5, ge=1)
-    seed: int = spec(0, ge=0, le=INT64_MAX)
+    num_iterations: int = spec(5, ge=1)  # K: models M_1 .. M_K are finetuned, each on the images of the one before
+    seed: int = spec(0, ge=0, le=INT64_MAX)  # seeds every random draw, by (seed, condition, iteration, image)
     # Fraction of each training set replaced by the original image of the same prompt (App. C.3).
     real_mix_ratio: float = spec(0.0, ge=0.0, le=1.0)
     # Train M_k on the images of the last `accumulate_iterations` iterations (1 = D_{k-1} only; 0 = all of
@@ -45,6 +45,7 @@ class RunConfig:
     accumulate_iterations: int = spec(1, ge=0, note="0 = all previous iterations")
     # Continue the previous iteration's LoRA instead of a fresh one on M_0 (App. E.4).
     continual_finetuning: bool = False
+    # auto = CUDA when available, else the CPU
     device: str = spec("auto", pattern=DEVICE_PATTERN, pattern_help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     dataset_name: str = ""  # recorded in metrics.nc attrs; defaults to the data folder's name
 
@@ -59,38 +60,44 @@ class DataConfig:
     deterministically from `toy_seed` into the run folder's data/ so D_0 is part of the run."""
 
     path: str = ""  # the folder (source = "folder"); unused for source = "toy"
+    # folder = data.path; toy = the embedded toy world written into <run>/data/
     source: str = spec("folder", choices=DATA_SOURCES)
+    # how many toy images D_0 holds (source = "toy")
     toy_images: int = spec(24, ge=1, le=100_000, note="number of toy images, source = 'toy'")
-    toy_seed: int = spec(0, ge=0, le=INT64_MAX)
+    toy_seed: int = spec(0, ge=0, le=INT64_MAX)  # the toy images are a pure function of this seed (source = "toy")
+    # caption files beside the images (kohya's default is ".caption"; the paper's folders use ".txt")
     caption_extension: str = spec(".txt", pattern=r"\.[A-Za-z0-9_.-]+", pattern_help="an extension such as '.txt'")
     format: str = spec("auto", choices=("auto", "captions", "metadata"))  # metadata: metadata.jsonl
-    resolution: int = spec(512, ge=8, le=8192)
-    center_crop: bool = True
-    max_images: int = spec(0, ge=0, note="0 = all images")
+    resolution: int = spec(512, ge=8, le=8192)  # images are resized (short side) and centre-cropped to this square size
+    center_crop: bool = True  # false: the whole image is resized to a square (aspect ratio not kept)
+    max_images: int = spec(0, ge=0, note="0 = all images")  # use only the first N images (sorted by name)
 
 
 @dataclasses.dataclass(frozen=True)
 class TinyModelConfig:
     """A tiny random base model built from configs (tests and CPU examples); see chain.models."""
 
-    seed: int = spec(0, ge=0, le=INT64_MAX)
+    seed: int = spec(0, ge=0, le=INT64_MAX)  # the random weights are a pure function of this seed
     latent: bool = True  # with a tiny VAE (latent space); False: pixel space (no vae/)
+    # UNet channels per resolution level (the last level has attention)
     block_out_channels: tuple[int, ...] = spec((16, 32), ge=1, nonempty=True)
-    layers_per_block: int = spec(1, ge=1)
-    cross_attention_dim: int = spec(32, ge=1)
-    attention_head_dim: int = spec(32, ge=1)
-    norm_num_groups: int = spec(8, ge=1)
-    text_hidden_size: int = spec(32, ge=1)
-    text_layers: int = spec(3, ge=1)
-    text_intermediate_size: int = spec(64, ge=1)
+    layers_per_block: int = spec(1, ge=1)  # UNet residual layers per level
+    cross_attention_dim: int = spec(32, ge=1)  # width of the text conditioning seen by the UNet
+    attention_head_dim: int = spec(32, ge=1)  # passed to diffusers' UNet2DConditionModel as is
+    norm_num_groups: int = spec(8, ge=1)  # group-norm groups of the UNet
+    text_hidden_size: int = spec(32, ge=1)  # CLIP text encoder width (equal to cross_attention_dim)
+    text_layers: int = spec(3, ge=1)  # CLIP text encoder layers
+    text_intermediate_size: int = spec(64, ge=1)  # CLIP text encoder MLP width
+    # VAE channels per level; downsampling 2^(levels - 1)
     vae_block_out_channels: tuple[int, ...] = spec((8, 16), ge=1, nonempty=True)
-    latent_channels: int = spec(4, ge=1)
+    latent_channels: int = spec(4, ge=1)  # VAE latent channels
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """M_0: a diffusers-format folder or HF cache id (offline), or "tiny" (built from `tiny`)."""
 
+    # a diffusers folder, a cached HF id such as runwayml/stable-diffusion-v1-5, or "tiny"
     path: str = spec(nonempty=True)
     vae: str = ""  # a fixed external VAE (folder or HF id), e.g. sd-vae-ft-mse; "" = the model's own
     tiny: TinyModelConfig = TinyModelConfig()
@@ -98,29 +105,34 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """LoRA finetuning, Table 1 of the paper in kohya sd-scripts terms (REFERENCE.md)."""
+    """LoRA finetuning, Table 1 of the paper in kohya sd-scripts terms."""
 
-    rank: int = spec(32, ge=1)
-    alpha: float = spec(8.0, gt=0.0)
-    unet_lr: float = spec(1e-4, ge=0.0)
-    text_encoder_lr: float = spec(5e-5, ge=0.0)
-    train_text_encoder: bool = True
+    rank: int = spec(32, ge=1)  # LoRA rank (kohya network_dim)
+    alpha: float = spec(8.0, gt=0.0)  # LoRA alpha (kohya network_alpha); the update is scaled by alpha / rank
+    unet_lr: float = spec(1e-4, ge=0.0)  # AdamW learning rate of the UNet's LoRA weights
+    text_encoder_lr: float = spec(5e-5, ge=0.0)  # AdamW learning rate of the text encoder's LoRA weights
+    train_text_encoder: bool = True  # also put LoRA adapters on the text encoder
     batch_size: int = spec(6, ge=1)  # the global batch, whatever the number of processes
-    epochs: int = spec(100, ge=0)
-    max_train_steps: int = spec(0, ge=0, note="0 = epochs decide")
+    epochs: int = spec(100, ge=0)  # passes over the training set (kohya max_train_epochs)
+    max_train_steps: int = spec(0, ge=0, note="0 = epochs decide")  # optimizer steps; overrides epochs when > 0
     mixed_precision: str = spec("no", choices=("no", "fp16", "bf16"))  # LoRA weights stay float32
-    weight_decay: float = spec(0.01, ge=0.0)
-    adam_beta1: float = spec(0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = spec(0.999, ge=0.0, lt=1.0)
-    adam_epsilon: float = spec(1e-8, gt=0.0)
-    min_snr_gamma: float = spec(5.0, ge=0.0, note="0 = plain MSE")
-    noise_offset: float = spec(0.0, ge=0.0)
+    weight_decay: float = spec(0.01, ge=0.0)  # AdamW weight decay
+    adam_beta1: float = spec(0.9, ge=0.0, lt=1.0)  # AdamW beta1
+    adam_beta2: float = spec(0.999, ge=0.0, lt=1.0)  # AdamW beta2
+    adam_epsilon: float = spec(1e-8, gt=0.0)  # AdamW epsilon
+    min_snr_gamma: float = spec(5.0, ge=0.0, note="0 = plain MSE")  # Min-SNR loss weighting min(SNR, gamma) / SNR
+    noise_offset: float = spec(0.0, ge=0.0)  # kohya noise_offset: a per-channel constant added to the training noise
+    # gradient-norm clipping
     max_grad_norm: float = spec(1.0, ge=0.0, note="over all LoRA parameters together; 0 = no clipping")
+    # text embeddings from this layer counted from the end (2 = penultimate)
     clip_skip: int = spec(2, ge=1, note="1 = the text encoder's last layer")
-    flip: bool = True
+    flip: bool = True  # random horizontal flips while finetuning
+    # encode the training images (both flips) once
     cache_latents: bool = spec(True, choices=(True,), note="latents (both flips) are always encoded once and "
                                "cached; a fresh VAE sample per step is not implemented")
+    # UNet modules that get LoRA adapters (diffusers names)
     unet_target_modules: tuple[str, ...] = spec(UNET_LORA_TARGETS, choices=UNET_LORA_TARGETS, nonempty=True)
+    # text-encoder modules that get LoRA adapters (transformers CLIP names)
     text_encoder_target_modules: tuple[str, ...] = spec(
         TEXT_ENCODER_LORA_TARGETS, choices=TEXT_ENCODER_LORA_TARGETS, nonempty=True)
 
@@ -129,10 +141,12 @@ class FinetuneConfig:
 class SamplingConfig:
     """Generation with the written-out Euler-ancestral loop (chain.sampling)."""
 
-    num_steps: int = spec(30, ge=1)
-    batch_size: int = spec(8, ge=1)
+    num_steps: int = spec(30, ge=1)  # Euler-ancestral sampling steps
+    batch_size: int = spec(8, ge=1)  # images generated at once (per process)
     images_per_prompt: int = spec(1, ge=1)  # App. C.2
+    # bins of the histogram of final latent values (metrics.nc latent_histogram)
     latent_histogram_bins: int = spec(64, ge=1)
+    # the histogram covers [-range, range]
     latent_histogram_range: float = spec(4.0, gt=0.0, note="histogram of final latents over [-range, range]")
 
 
@@ -140,10 +154,11 @@ class SamplingConfig:
 class MetricsConfig:
     """Optional feature metrics; "" switches one off (its variables stay NaN)."""
 
+    # feature encoder of fd_dinov2, recall and sfd
     encoder: str = spec("", pattern=r"(dinov2:.+)?", pattern_help="'' or 'dinov2:<folder or HF id>'")
     clip_model: str = ""  # "" | a CLIP folder or HF id for clip_score
-    recall_k: int = spec(5, ge=1)
-    batch_size: int = spec(32, ge=1)
+    recall_k: int = spec(5, ge=1)  # k of the k-nearest-neighbour recall
+    batch_size: int = spec(32, ge=1)  # images per batch when measuring
     # The phenotype's threshold in cycles/pixel (Eq. 14): 0.02 at 256 pixels, i.e. 5.1 cycles per image;
     # for smaller images keep the cycles per image: 0.02 * 256 / resolution (0.16 at 32 pixels).
     phenotype_tau: float = spec(0.02, ge=0.0, lt=0.7072, note="cycles/pixel, below 1/sqrt(2); 0.02 at 256 pixels")
@@ -153,9 +168,11 @@ class MetricsConfig:
 class ConditionConfig:
     """One condition of a run: a guidance schedule and a condition-drop probability."""
 
+    # the folder name of the condition under images/ and lora/, and its label in metrics.nc
     name: str = spec(pattern=NAME_PATTERN, pattern_help="a folder-safe name (letters, digits, '._+=,@-', "
                      "not starting with '.')")
     guidance: Any = dataclasses.field(default=None, metadata={"flatten": True})  # a chain.guidance schedule
+    # probability that a training caption is replaced by the empty one (ReDiFine)
     condition_drop: float = spec(0.0, ge=0.0, le=1.0)
 
 

@@ -52,7 +52,7 @@ class Exponential:
     """ReDiFine's decaying guidance s_t = s0 exp(-alpha t / T), t = step + step_origin, T = num_steps.
 
     `step_origin` 0 counts the first sampling step as t = 0 (scale s0 there), 1 as t = 1; the ReDiFine
-    paper leaves this open (REFERENCE.md), so it is a field.
+    paper leaves this open, so it is a field.
     """
 
     scale_value: float = spec(7.5, key="scale", ge=0.0, note="1 = no guidance")

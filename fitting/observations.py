@@ -287,7 +287,7 @@ def _check_schema(ds, source: str) -> None:
     version = ds.attrs.get("schema_version")
     if version is None:
         raise ObservationError(f"{source}: attribute 'schema_version' is missing; set "
-                               f"ds.attrs['schema_version'] = {SCHEMA_VERSION} (DESIGN.md, the results contract)")
+                               f"ds.attrs['schema_version'] = {SCHEMA_VERSION} (docs/results-contract.md)")
     try:
         value = np.asarray(version).item()
         ok = float(value) == SCHEMA_VERSION

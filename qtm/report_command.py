@@ -62,7 +62,7 @@ def build_report(run_dir: Path, *, fit_path: Path | None = None, out_dir: Path |
     extra = (f"Run directory `{run_dir}`; dataset `{metrics.attrs.get('dataset', '?')}`, base model "
              f"`{metrics.attrs.get('base_model', '?')}`" + (f", feature encoder `{encoder}`" if encoder else "")
              + ". The phenotype is the fraction of the normalised AC spectral energy above radius "
-             f"{metrics.attrs.get('phenotype_tau', 0.02)} cycles/pixel (DESIGN.md).")
+             f"{metrics.attrs.get('phenotype_tau', 0.02)} cycles/pixel (docs/phenotype.md).")
     text = chain_report.markdown_report(rows, figures, title=f"Chain of Diffusion report: {run_dir.name}",
                                         extra=extra)
     if fit_text:
