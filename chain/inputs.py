@@ -104,3 +104,21 @@ def check_or_record_inputs(config: ChainConfig, data_path: Path, out_dir: str | 
         return None, (f"{path}: this run folder had no fingerprint of D_0; recorded the current content of "
                       f"{data_path} ({len(files)} files), which later resumes check")
     return None, None
+
+
+def upscale_note(root: str | Path, names: tuple[str, ...], resolution: int) -> str | None:
+    """A note when images of D_0 are smaller than data.resolution (they are upscaled, which invents no
+    detail but changes the phenotype), naming how many and the smallest; None when none is."""
+    from PIL import Image
+
+    small = []
+    for name in names:
+        with Image.open(Path(root) / name) as im:
+            w, h = im.size
+        if min(w, h) < resolution:
+            small.append((min(w, h), w, h, name))
+    if not small:
+        return None
+    side, w, h, name = min(small)
+    return (f"{len(small)} of {len(names)} images of D_0 are smaller than data.resolution = {resolution} and are "
+            f"upscaled (smallest: {name}, {w} x {h}); lower data.resolution to measure them at their own size")

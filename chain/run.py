@@ -437,14 +437,18 @@ def run_chain(
         data_path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
         format=config.data.format, center_crop=config.data.center_crop, max_images=config.data.max_images,
     )
-    input_note = None
+    input_notes: list[str] = []
     if is_main:
         _check_or_write_config(config, out_dir)
         from chain.inputs import check_or_record_inputs
 
+        from chain.inputs import upscale_note
+
         problem, input_note = check_or_record_inputs(config, data_path, out_dir)  # D_0 fingerprint
         if problem:
             raise RunError(problem)
+        small = upscale_note(originals.root, originals.names, config.data.resolution)
+        input_notes = [n for n in (input_note, small) if n]
     accelerator.wait_for_everyone()
     n, ipp = len(originals), config.sampling.images_per_prompt
     reporter = Reporter(out_dir / "log.jsonl", enabled=progress, is_main=is_main)
@@ -510,9 +514,9 @@ def run_chain(
     with reporter:
         reporter.event("start", out_dir=str(out_dir), conditions=[c.name for c in config.conditions],
                        num_iterations=config.run.num_iterations, num_images=n, resumed=bool(done))
-        if input_note:
-            reporter.event("note", message=input_note)
-            print(f"note: {input_note}", file=sys.stderr)
+        for note in input_notes:
+            reporter.event("note", message=note)
+            print(f"note: {note}", file=sys.stderr)
         m0 = (measure(originals.images, encoder=encoder, batch_size=config.metrics.batch_size,
                       tau=config.metrics.phenotype_tau) if is_main else None)
         if is_main and (first, 0) not in done:

@@ -238,6 +238,13 @@ def test_chain_run_out_naming_a_file_is_refused(tmp_path):
     _one_error_line(_cli(["chain", "run", str(cfg), "--out", str(target)]), str(target), "not a folder")
 
 
+def test_report_out_naming_a_file_is_refused(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    _one_error_line(_cli(["report", str(tmp_path), "--out", str(target)]), str(target), "not a folder")
+    assert target.read_text() == "x"
+
+
 @pytest.mark.parametrize("dotted, value, fragment", [
     ("finetune.unet_lr", "nan", "= nan"), ("finetune.clip_skip", "99", "cannot exceed text_layers"),
     ("metrics.batch_size", "0", ">= 1"), ("finetune.unet_target_modules", "[]", "not empty"),

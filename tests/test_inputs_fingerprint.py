@@ -82,3 +82,17 @@ def test_unchanged_inputs_resume_and_old_folders_get_a_fingerprint(tmp_path):
     (data / "img_02.txt").unlink()
     with pytest.raises(RunError, match=r"image img_02.png removed; caption img_02.txt removed"):
         run_chain(cfg, out, progress=False, stages=_copy)
+
+
+def test_images_smaller_than_the_resolution_get_a_note(tmp_path):
+    from chain.inputs import upscale_note
+
+    data = make_captioned_folder(tmp_path / "data", num_images=2, size=32)
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(data / "img_00.png")
+    note = upscale_note(data, ("img_00.png", "img_01.png"), 32)
+    assert note.startswith("1 of 2 images") and "img_00.png, 1 x 1" in note
+    assert upscale_note(data, ("img_01.png",), 32) is None
+    cfg = tiny_config(data, num_iterations=1, conditions=[{"name": "a", "scale": 1.0}])
+    run_chain(cfg, tmp_path / "out", progress=False, stages=_copy)
+    events = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "note" and "upscaled" in e["message"] for e in events)
