@@ -282,3 +282,13 @@ def test_model_folder_shapes_are_checked(tmp_path):
     assert len(problems) == 2 and "multiple of 8" in problems[0] and "<= 12" in problems[1]
     doc["data"]["resolution"], doc["finetune"]["clip_skip"] = 512, 2
     assert model_problems(config_from_dict(doc, where="x")) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_refused_at_run_start_through_the_cli(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[run]\ndevice = "cuda"\n[data]\nsource = "toy"\ntoy_images = 2\nresolution = 32\n'
+                   '[model]\npath = "tiny"\n[[conditions]]\nname = "a"\n')
+    _one_error_line(_cli(["chain", "run", str(cfg), "--out", str(tmp_path / "o")]), "'run.device' = 'cuda'",
+                    "no usable CUDA")
+    assert not (tmp_path / "o" / "metrics.nc").exists() and not (tmp_path / "o" / "data").exists()
