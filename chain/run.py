@@ -440,9 +440,7 @@ def run_chain(
     input_notes: list[str] = []
     if is_main:
         _check_or_write_config(config, out_dir)
-        from chain.inputs import check_or_record_inputs
-
-        from chain.inputs import upscale_note
+        from chain.inputs import check_or_record_inputs, upscale_note
 
         problem, input_note = check_or_record_inputs(config, data_path, out_dir)  # D_0 fingerprint
         if problem:
@@ -483,8 +481,8 @@ def run_chain(
             )
     else:
         attrs = {
-            "dataset": config.run.dataset_name or (f"toy-d0-seed{config.data.toy_seed}" if config.data.source == "toy"
-                                                    else Path(config.data.path).name),
+            "dataset": config.run.dataset_name or (
+                f"toy-d0-seed{config.data.toy_seed}" if config.data.source == "toy" else Path(config.data.path).name),
             "base_model": base_source,
             "seed": config.run.seed,
             "git_revision": _git_revision(),
