@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from chain.constraints import field_problems, show_value, spec
 from chain.errors import ConfigError
 from chain.guidance import SCHEDULES, schedule_fields, schedule_to_table
 
@@ -22,51 +24,70 @@ UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
+DEVICE_PATTERN = r"auto|cpu|cuda|cuda:[0-9]+"
+NAME_PATTERN = r"[A-Za-z0-9_+=,@-][A-Za-z0-9._+=,@-]*"
+INT64_MAX = 2**63 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The chain itself (Section 3.1) and the paper's variants (Appendix C.2, C.3, C.12, E.4)."""
 
-    num_iterations: int = 5
-    seed: int = 0
+    num_iterations: int = spec(5, ge=1)  # K: models M_1 .. M_K are finetuned, each on the images of the one before
+    seed: int = spec(0, ge=0, le=INT64_MAX)  # seeds every random draw, by (seed, condition, iteration, image)
     # Fraction of each training set replaced by the original image of the same prompt (App. C.3).
-    real_mix_ratio: float = 0.0
+    real_mix_ratio: float = spec(0.0, ge=0.0, le=1.0)
     # Train M_k on the images of the last `accumulate_iterations` iterations (1 = D_{k-1} only; 0 = all of
     # D_0 .. D_{k-1}) (App. C.12).
-    accumulate_iterations: int = 1
+    accumulate_iterations: int = spec(1, ge=0, note="0 = all previous iterations")
     # Continue the previous iteration's LoRA instead of a fresh one on M_0 (App. E.4).
     continual_finetuning: bool = False
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    # auto = CUDA when available, else the CPU
+    device: str = spec("auto", pattern=DEVICE_PATTERN, pattern_help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     dataset_name: str = ""  # recorded in metrics.nc attrs; defaults to the data folder's name
+
+
+DATA_SOURCES = ("folder", "toy")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """D_0: a captioned image folder (kohya: same-name caption files) or an HF imagefolder."""
+    """D_0: a captioned image folder (kohya: same-name caption files) or an HF imagefolder (source =
+    "folder", the default), or the embedded toy world's procedural images (source = "toy"), written
+    deterministically from `toy_seed` into the run folder's data/ so D_0 is part of the run."""
 
-    path: str
-    caption_extension: str = ".txt"  # kohya's default is ".caption"; the paper's folders use ".txt"
-    format: str = "auto"  # "auto" | "captions" | "metadata" (metadata.jsonl with file_name + text)
-    resolution: int = 512
-    center_crop: bool = True
-    max_images: int = 0  # 0 = all images
+    path: str = ""  # the folder (source = "folder"); unused for source = "toy"
+    # folder = data.path; toy = the embedded toy world written into <run>/data/
+    source: str = spec("folder", choices=DATA_SOURCES)
+    # how many toy images D_0 holds (source = "toy")
+    toy_images: int = spec(24, ge=1, le=100_000, note="number of toy images, source = 'toy'")
+    toy_seed: int = spec(0, ge=0, le=INT64_MAX)  # the toy images are a pure function of this seed (source = "toy")
+    # caption files beside the images (kohya's default is ".caption"; the paper's folders use ".txt")
+    caption_extension: str = spec(".txt", pattern=r"\.[A-Za-z0-9_.-]+", pattern_help="an extension such as '.txt'")
+    format: str = spec("auto", choices=("auto", "captions", "metadata"))  # metadata: metadata.jsonl
+    resolution: int = spec(512, ge=8, le=8192)  # images are resized (short side) and centre-cropped to this square size
+    center_crop: bool = True  # false: the whole image is resized to a square (aspect ratio not kept)
+    max_images: int = spec(0, ge=0, note="0 = all images")  # use only the first N images (sorted by name)
 
 
 @dataclasses.dataclass(frozen=True)
 class TinyModelConfig:
     """A tiny random base model built from configs (tests and CPU examples); see chain.models."""
 
-    seed: int = 0
+    seed: int = spec(0, ge=0, le=INT64_MAX)  # the random weights are a pure function of this seed
     latent: bool = True  # with a tiny VAE (latent space); False: pixel space (no vae/)
-    block_out_channels: tuple[int, ...] = (16, 32)
-    layers_per_block: int = 1
-    cross_attention_dim: int = 32
-    attention_head_dim: int = 32
-    norm_num_groups: int = 8
-    text_hidden_size: int = 32
-    text_layers: int = 3
-    text_intermediate_size: int = 64
-    vae_block_out_channels: tuple[int, ...] = (8, 16)
-    latent_channels: int = 4
+    # UNet channels per resolution level (the last level has attention)
+    block_out_channels: tuple[int, ...] = spec((16, 32), ge=1, nonempty=True)
+    layers_per_block: int = spec(1, ge=1)  # UNet residual layers per level
+    cross_attention_dim: int = spec(32, ge=1)  # width of the text conditioning seen by the UNet
+    attention_head_dim: int = spec(32, ge=1)  # passed to diffusers' UNet2DConditionModel as is
+    norm_num_groups: int = spec(8, ge=1)  # group-norm groups of the UNet
+    text_hidden_size: int = spec(32, ge=1)  # CLIP text encoder width (equal to cross_attention_dim)
+    text_layers: int = spec(3, ge=1)  # CLIP text encoder layers
+    text_intermediate_size: int = spec(64, ge=1)  # CLIP text encoder MLP width
+    # VAE channels per level; downsampling 2^(levels - 1)
+    vae_block_out_channels: tuple[int, ...] = spec((8, 16), ge=1, nonempty=True)
+    latent_channels: int = spec(4, ge=1)  # VAE latent channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,60 +95,71 @@ class ModelConfig:
     """M_0: a diffusers-format folder or HF cache id (offline), "tiny" (built from `tiny`), or "toy" (the
     committed toy base model of chain.toy, pretrained on the toy world's D_0 at 32 x 32)."""
 
-    path: str
+    # a diffusers folder, a cached HF id such as runwayml/stable-diffusion-v1-5, or "tiny"
+    path: str = spec(nonempty=True)
     vae: str = ""  # a fixed external VAE (folder or HF id), e.g. sd-vae-ft-mse; "" = the model's own
     tiny: TinyModelConfig = TinyModelConfig()
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """LoRA finetuning, Table 1 of the paper in kohya sd-scripts terms (REFERENCE.md)."""
+    """LoRA finetuning, Table 1 of the paper in kohya sd-scripts terms."""
 
-    rank: int = 32
-    alpha: float = 8.0
-    unet_lr: float = 1e-4
-    text_encoder_lr: float = 5e-5
-    train_text_encoder: bool = True
-    batch_size: int = 6  # the global batch, whatever the number of processes
-    epochs: int = 100
-    max_train_steps: int = 0  # 0 = epochs decide
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (LoRA weights stay float32)
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    min_snr_gamma: float = 5.0  # 0 = plain MSE
-    noise_offset: float = 0.0
-    max_grad_norm: float = 1.0  # over all LoRA parameters together; 0 = no clipping
-    clip_skip: int = 2
-    flip: bool = True
-    cache_latents: bool = True
-    unet_target_modules: tuple[str, ...] = UNET_LORA_TARGETS
-    text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_LORA_TARGETS
+    rank: int = spec(32, ge=1)  # LoRA rank (kohya network_dim)
+    alpha: float = spec(8.0, gt=0.0)  # LoRA alpha (kohya network_alpha); the update is scaled by alpha / rank
+    unet_lr: float = spec(1e-4, ge=0.0)  # AdamW learning rate of the UNet's LoRA weights
+    text_encoder_lr: float = spec(5e-5, ge=0.0)  # AdamW learning rate of the text encoder's LoRA weights
+    train_text_encoder: bool = True  # also put LoRA adapters on the text encoder
+    batch_size: int = spec(6, ge=1)  # the global batch, whatever the number of processes
+    epochs: int = spec(100, ge=0)  # passes over the training set (kohya max_train_epochs)
+    max_train_steps: int = spec(0, ge=0, note="0 = epochs decide")  # optimizer steps; overrides epochs when > 0
+    mixed_precision: str = spec("no", choices=("no", "fp16", "bf16"))  # LoRA weights stay float32
+    weight_decay: float = spec(0.01, ge=0.0)  # AdamW weight decay
+    adam_beta1: float = spec(0.9, ge=0.0, lt=1.0)  # AdamW beta1
+    adam_beta2: float = spec(0.999, ge=0.0, lt=1.0)  # AdamW beta2
+    adam_epsilon: float = spec(1e-8, gt=0.0)  # AdamW epsilon
+    min_snr_gamma: float = spec(5.0, ge=0.0, note="0 = plain MSE")  # Min-SNR loss weighting min(SNR, gamma) / SNR
+    noise_offset: float = spec(0.0, ge=0.0)  # kohya noise_offset: a per-channel constant added to the training noise
+    # gradient-norm clipping
+    max_grad_norm: float = spec(1.0, ge=0.0, note="over all LoRA parameters together; 0 = no clipping")
+    # text embeddings from this layer counted from the end (2 = penultimate)
+    clip_skip: int = spec(2, ge=1, note="1 = the text encoder's last layer")
+    flip: bool = True  # random horizontal flips while finetuning
+    # encode the training images (both flips) once
+    cache_latents: bool = spec(True, choices=(True,), note="latents (both flips) are always encoded once and "
+                               "cached; a fresh VAE sample per step is not implemented")
+    # UNet modules that get LoRA adapters (diffusers names)
+    unet_target_modules: tuple[str, ...] = spec(UNET_LORA_TARGETS, choices=UNET_LORA_TARGETS, nonempty=True)
+    # text-encoder modules that get LoRA adapters (transformers CLIP names)
+    text_encoder_target_modules: tuple[str, ...] = spec(
+        TEXT_ENCODER_LORA_TARGETS, choices=TEXT_ENCODER_LORA_TARGETS, nonempty=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """Generation with the written-out Euler-ancestral loop (chain.sampling)."""
 
-    num_steps: int = 30
-    batch_size: int = 8
-    images_per_prompt: int = 1  # App. C.2
-    latent_histogram_bins: int = 64
-    latent_histogram_range: float = 4.0  # histogram of final latents over [-range, range]
+    num_steps: int = spec(30, ge=1)  # Euler-ancestral sampling steps
+    batch_size: int = spec(8, ge=1)  # images generated at once (per process)
+    images_per_prompt: int = spec(1, ge=1)  # App. C.2
+    # bins of the histogram of final latent values (metrics.nc latent_histogram)
+    latent_histogram_bins: int = spec(64, ge=1)
+    # the histogram covers [-range, range]
+    latent_histogram_range: float = spec(4.0, gt=0.0, note="histogram of final latents over [-range, range]")
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     """Optional feature metrics; "" switches one off (its variables stay NaN)."""
 
-    encoder: str = ""  # "" | "dinov2:<folder or HF id>" | "toy" (chain.toy's feature encoder)
+    # feature encoder of fd_dinov2, recall and sfd: "" (off), "dinov2:<folder or HF id>" or "toy" (chain.toy's)
+    encoder: str = spec("", pattern=r"(dinov2:.+|toy)?", pattern_help="'', 'dinov2:<folder or HF id>' or 'toy'")
     clip_model: str = ""  # "" | a CLIP folder or HF id for clip_score
-    recall_k: int = 5
-    batch_size: int = 32
+    recall_k: int = spec(5, ge=1)  # k of the k-nearest-neighbour recall
+    batch_size: int = spec(32, ge=1)  # images per batch when measuring
     # The phenotype's threshold in cycles/pixel (Eq. 14): 0.02 at 256 pixels, i.e. 5.1 cycles per image;
     # for smaller images keep the cycles per image: 0.02 * 256 / resolution (0.16 at 32 pixels).
-    phenotype_tau: float = 0.02
+    phenotype_tau: float = spec(0.02, ge=0.0, lt=0.7072, note="cycles/pixel, below 1/sqrt(2); 0.02 at 256 pixels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,17 +169,55 @@ class AssayConfig:
     constant guidance scale `reference_scale` (1 = the unguided model: the conditional pass only). Measured
     and stored (hf_power_reference), never trained on. images = 0 (the default) switches it off."""
 
-    images: int = 0
-    reference_scale: float = 1.0
+    images: int = spec(0, ge=0)  # reference images per cell (the first `images` prompts); 0 = no reference set
+    # constant guidance scale of the reference set; 1 = unguided (the conditional pass only)
+    reference_scale: float = spec(1.0, ge=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConditionConfig:
     """One condition of a run: a guidance schedule and a condition-drop probability."""
 
-    name: str
-    guidance: Any  # a chain.guidance schedule
-    condition_drop: float = 0.0
+    # the folder name of the condition under images/ and lora/, and its label in metrics.nc
+    name: str = spec(pattern=NAME_PATTERN, pattern_help="a folder-safe name (letters, digits, '._+=,@-', "
+                     "not starting with '.')")
+    guidance: Any = dataclasses.field(default=None, metadata={"flatten": True})  # a chain.guidance schedule
+    # probability that a training caption is replaced by the empty one (ReDiFine)
+    condition_drop: float = spec(0.0, ge=0.0, le=1.0)
+
+
+def _tiny_factor(t: TinyModelConfig) -> int:
+    """The side of the smallest feature map is resolution / this factor (VAE x UNet downsampling)."""
+    vae = 2 ** (len(t.vae_block_out_channels) - 1) if t.latent else 1
+    return vae * 2 ** max(len(t.block_out_channels) - 1, 0)
+
+
+# Consistency between fields: (fields named in the message, predicate on the config, what is allowed).
+CROSS_FIELD_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    (("finetune.epochs", "finetune.max_train_steps"),
+     lambda c: c.finetune.epochs >= 1 or c.finetune.max_train_steps >= 1,
+     "one of them must be >= 1 (max_train_steps = 0 lets epochs decide)"),
+    (("data.path",), lambda c: c.data.source != "folder" or bool(c.data.path),
+     "must name the D_0 folder (or set data.source = 'toy')"),
+    (("model.tiny.block_out_channels",), lambda c: len(c.model.tiny.block_out_channels) >= 2,
+     "needs at least two UNet blocks"),
+    (("model.tiny.block_out_channels", "model.tiny.norm_num_groups"),
+     lambda c: all(ch % c.model.tiny.norm_num_groups == 0 for ch in c.model.tiny.block_out_channels),
+     "every channel count must be a multiple of norm_num_groups"),
+    (("model.tiny.vae_block_out_channels",),
+     lambda c: all(ch % min(c.model.tiny.vae_block_out_channels[0], 4) == 0 for ch in c.model.tiny.vae_block_out_channels),
+     "every channel count must be a multiple of min(first channel count, 4) (the VAE's group norm)"),
+    (("model.tiny.text_hidden_size", "model.tiny.cross_attention_dim"),
+     lambda c: c.model.tiny.text_hidden_size == c.model.tiny.cross_attention_dim, "must be equal"),
+    (("data.resolution", "model.tiny"),
+     lambda c: c.model.path != "tiny" or c.data.resolution % _tiny_factor(c.model.tiny) == 0,
+     "the resolution must be a multiple of the tiny model's downsampling factor (VAE x UNet), else images "
+     "would be measured at one size and generated at another"),
+    (("finetune.clip_skip", "model.tiny.text_layers"),
+     lambda c: c.model.path != "tiny" or c.finetune.clip_skip <= c.model.tiny.text_layers,
+     "clip_skip counts text-encoder layers from the last one and cannot exceed text_layers"),
+    (("conditions",), lambda c: len(c.conditions) >= 1, "needs at least one [[conditions]] table"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,59 +232,45 @@ class ChainConfig:
     assay: AssayConfig = AssayConfig()
 
     def validate(self, where: str = "config") -> None:
-        """Range checks across fields; raises ConfigError naming the field."""
+        """Raise ConfigError listing every bad value, one line each (see config_problems)."""
+        problems = config_problems(self)
+        if problems:
+            raise ConfigError("\n".join(f"{where}: {p}" for p in problems))
 
-        def bad(field: str, why: str) -> None:
-            raise ConfigError(f"{where}: field '{field}' {why}")
 
-        if self.run.num_iterations < 1:
-            bad("run.num_iterations", "must be >= 1")
-        if not 0.0 <= self.run.real_mix_ratio <= 1.0:
-            bad("run.real_mix_ratio", "must lie in [0, 1]")
-        if self.run.accumulate_iterations < 0:
-            bad("run.accumulate_iterations", "must be >= 0 (0 = all previous iterations)")
-        if self.data.format not in ("auto", "captions", "metadata"):
-            bad("data.format", "must be 'auto', 'captions' or 'metadata'")
-        if self.data.resolution < 8:
-            bad("data.resolution", "must be >= 8")
-        if self.data.max_images < 0:
-            bad("data.max_images", "must be >= 0")
-        f = self.finetune
-        if f.rank < 1:
-            bad("finetune.rank", "must be >= 1")
-        if f.batch_size < 1:
-            bad("finetune.batch_size", "must be >= 1")
-        if f.epochs < 1 and f.max_train_steps < 1:
-            bad("finetune.epochs", "must be >= 1 (or set finetune.max_train_steps)")
-        if f.mixed_precision not in ("no", "fp16", "bf16"):
-            bad("finetune.mixed_precision", "must be 'no', 'fp16' or 'bf16'")
-        if f.clip_skip < 1:
-            bad("finetune.clip_skip", "must be >= 1 (1 = last layer)")
-        if self.sampling.num_steps < 1:
-            bad("sampling.num_steps", "must be >= 1")
-        if self.sampling.batch_size < 1:
-            bad("sampling.batch_size", "must be >= 1")
-        if not self.finetune.cache_latents:
-            bad("finetune.cache_latents", "must be true: latents (both flips) are always encoded once and cached; "
-                "a fresh VAE sample per step is not implemented")
-        if not 0.0 <= self.metrics.phenotype_tau < 0.7072:
-            bad("metrics.phenotype_tau", "must lie in [0, 1/sqrt(2)) cycles/pixel (0.02 at 256 pixels)")
-        if self.sampling.images_per_prompt < 1:
-            bad("sampling.images_per_prompt", "must be >= 1")
-        if self.assay.images < 0:
-            bad("assay.images", "must be >= 0 (0 = no reference set)")
-        if not (self.assay.reference_scale >= 0.0 and math.isfinite(self.assay.reference_scale)):
-            bad("assay.reference_scale", "must be a finite number >= 0 (1 = unguided)")
-        if not self.conditions:
-            bad("conditions", "needs at least one [[conditions]] table")
-        names = [c.name for c in self.conditions]
-        for i, c in enumerate(self.conditions):
-            if not c.name or "/" in c.name or c.name.startswith("."):
-                bad(f"conditions[{i}].name", "must be a non-empty folder-safe name")
-            if names.count(c.name) > 1:
-                bad(f"conditions[{i}].name", f"{c.name!r} is used twice")
-            if not 0.0 <= c.condition_drop <= 1.0:
-                bad(f"conditions[{i}].condition_drop", "must lie in [0, 1]")
+def config_problems(config: ChainConfig) -> list[str]:
+    """Every field's declared constraint (chain.constraints.spec beside the field), then the cross-field
+    rules (CROSS_FIELD_RULES); one line per problem naming the field, the value and what is allowed."""
+    problems: list[str] = []
+    for f in dataclasses.fields(config):
+        if f.name != "conditions":
+            problems += field_problems(getattr(config, f.name), f.name)
+    names = [c.name for c in config.conditions]
+    for i, c in enumerate(config.conditions):
+        own = field_problems(c, f"conditions[{i}]")
+        problems += own
+        if names.count(c.name) > 1 and names.index(c.name) < i:
+            problems.append(f"field 'conditions[{i}].name' = {show_value(c.name)}: must be unique (used twice)")
+        g = c.guidance
+        if not own and hasattr(g, "sigma_low") and hasattr(g, "sigma_high") and not g.sigma_low < g.sigma_high:
+            problems.append(f"fields 'conditions[{i}].sigma_low' = {show_value(g.sigma_low)}, "
+                            f"'conditions[{i}].sigma_high' = {show_value(g.sigma_high)}: must have sigma_low < sigma_high")
+    if problems:  # cross-field rules assume every field is in range
+        return problems
+    for fields, ok, allowed in CROSS_FIELD_RULES:
+        if not ok(config):
+            shown = ", ".join(f"'{name}' = {_field_value(config, name)}" for name in fields)
+            problems.append(f"{'field' if len(fields) == 1 else 'fields'} {shown}: {allowed}")
+    return problems
+
+
+def _field_value(config: ChainConfig, dotted: str) -> str:
+    obj: Any = config
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    if dataclasses.is_dataclass(obj):
+        return "{" + ", ".join(f"{f.name} = {show_value(getattr(obj, f.name))}" for f in dataclasses.fields(obj)) + "}"
+    return show_value(obj)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -345,8 +401,9 @@ def _resolve_paths(config: ChainConfig, base_dir: Path) -> ChainConfig:
     return dataclasses.replace(config, data=data, model=model)
 
 
-def load_config(path: str | Path) -> ChainConfig:
-    """Read a TOML config file; errors name the file and the field."""
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ChainConfig:
+    """Read a TOML config file, apply `section.key=value` overrides (apply_overrides), check it;
+    errors name the file and the field."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -354,7 +411,87 @@ def load_config(path: str | Path) -> ChainConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = apply_overrides(data, overrides, where=str(path))
     return config_from_dict(data, where=str(path), base_dir=path.parent.resolve())
+
+
+_INDEXED = re.compile(r"conditions\[([0-9]+)\]")
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`section.key=value` -> (["section", "key"], value). The value is read as a TOML value (3, 1e-4, true,
+    "text", [1, 2]); a value that is not valid TOML is taken as a plain string (`run.device=cpu`).
+    Conditions are addressed by position: `conditions[0].scale=5`."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{{overrides}} {text!r}: expected section.key=value, e.g. {{overrides}} "
+                          "sampling.num_steps=20", parameters=("overrides",))
+    parts: list[str | int] = []
+    for part in key.split("."):
+        m = _INDEXED.fullmatch(part)
+        parts += ["conditions", int(m.group(1))] if m else [part]
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def _known_keys(cls: type) -> set[str]:
+    return {f.metadata.get("key", f.name) for f in dataclasses.fields(cls)}
+
+
+def apply_overrides(doc: dict, overrides: typing.Sequence[str], *, where: str = "config") -> dict:
+    """A copy of TOML document `doc` with every `section.key=value` of `overrides` set (in order), before the
+    config is built and checked. An unknown section or key is refused naming it; the resolved config (and so
+    the run's config.toml) holds the result."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    hints = typing.get_type_hints(ChainConfig)
+    for text in overrides:
+        parts, value = parse_override(text)
+        dotted = text.partition("=")[0].strip()
+        if parts[0] == "conditions":
+            conditions = doc.get("conditions") or []
+            if len(parts) != 3 or not isinstance(parts[1], int):
+                raise ConfigError(f"{{overrides}} {dotted}: address a condition as conditions[N].key",
+                                  parameters=("overrides",))
+            if parts[1] >= len(conditions):
+                raise ConfigError(f"{{overrides}} {dotted}: {where} has {len(conditions)} [[conditions]] tables "
+                                  f"(conditions[0] .. conditions[{len(conditions) - 1}])", parameters=("overrides",))
+            table = conditions[parts[1]]
+            schedule = SCHEDULES.get(value if parts[2] == "schedule" else table.get("schedule", "constant"))
+            known = {"name", "condition_drop", "schedule"} | (set(schedule_fields(schedule)) if schedule else set())
+            if parts[2] not in known:
+                raise ConfigError(f"{{overrides}} {dotted}: unknown key '{parts[2]}' for a condition (known: "
+                                  f"{', '.join(sorted(known))})", parameters=("overrides",))
+            table[parts[2]] = value
+            continue
+        cls: Any = ChainConfig
+        table = doc
+        for i, part in enumerate(parts):
+            known = _known_keys(cls) - {"conditions"}
+            if not isinstance(part, str) or part not in known:
+                prefix = ".".join(map(str, parts[:i])) or "top level"
+                raise ConfigError(f"{{overrides}} {dotted}: unknown key '{part}' in [{prefix}] (known: "
+                                  f"{', '.join(sorted(known))})", parameters=("overrides",))
+            hint = typing.get_type_hints(cls)[part] if cls is not ChainConfig else hints[part]
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(hint):
+                    raise ConfigError(f"{{overrides}} {dotted}: names a table; set one of its keys, e.g. "
+                                      f"{dotted}.KEY=VALUE", parameters=("overrides",))
+                table[part] = value
+            else:
+                if not dataclasses.is_dataclass(hint):
+                    raise ConfigError(f"{{overrides}} {dotted}: '{part}' is a value, not a table",
+                                      parameters=("overrides",))
+                sub = table.setdefault(part, {})
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"{where}: '{'.'.join(map(str, parts[:i + 1]))}' must be a table")
+                table, cls = sub, hint
+    return doc
 
 
 # ------------------------------------------------------------------------------------------------ writing

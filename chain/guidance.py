@@ -17,6 +17,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from chain.constraints import spec
+
 
 @runtime_checkable
 class GuidanceSchedule(Protocol):
@@ -34,7 +36,7 @@ class GuidanceSchedule(Protocol):
 class Constant:
     """s_t = scale at every step (standard CFG; scale 1.0 means no guidance)."""
 
-    scale_value: float = 7.5
+    scale_value: float = spec(7.5, key="scale", ge=0.0, note="1 = no guidance")
     name = "constant"
 
     @property
@@ -50,12 +52,12 @@ class Exponential:
     """ReDiFine's decaying guidance s_t = s0 exp(-alpha t / T), t = step + step_origin, T = num_steps.
 
     `step_origin` 0 counts the first sampling step as t = 0 (scale s0 there), 1 as t = 1; the ReDiFine
-    paper leaves this open (REFERENCE.md), so it is a field.
+    paper leaves this open, so it is a field.
     """
 
-    scale_value: float = 7.5
-    alpha: float = 2.0
-    step_origin: int = 0
+    scale_value: float = spec(7.5, key="scale", ge=0.0, note="1 = no guidance")
+    alpha: float = spec(2.0, ge=0.0, note="0 = constant guidance")
+    step_origin: int = spec(0, ge=0)
     name = "exponential"
 
     @property
@@ -72,9 +74,9 @@ class Interval:
     """Guidance only in a noise-level interval (Kynkaanniemi et al. 2024): s = scale when
     sigma_low < sigma <= sigma_high, else 1.0 (the conditional prediction alone)."""
 
-    scale_value: float = 7.5
-    sigma_low: float = 0.28
-    sigma_high: float = 5.42
+    scale_value: float = spec(7.5, key="scale", ge=0.0, note="1 = no guidance")
+    sigma_low: float = spec(0.28, ge=0.0)
+    sigma_high: float = spec(5.42, gt=0.0)
     name = "interval"
 
     @property
@@ -90,8 +92,8 @@ class Linear:
     """s_t = start + (end - start) t / (T - 1), t = step: linear from `start` at the first step to `end`
     at the last (increasing when end > start, as in Wang et al. 2024)."""
 
-    start: float = 7.5
-    end: float = 1.0
+    start: float = spec(7.5, ge=0.0)
+    end: float = spec(1.0, ge=0.0)
     name = "linear"
 
     @property

@@ -216,7 +216,7 @@ def describe_run(run_dir: Path, metrics: xr.Dataset) -> str:
     return (f"Run directory `{run_dir}`; dataset `{metrics.attrs.get('dataset', '?')}`, base model "
             f"`{metrics.attrs.get('base_model', '?')}`" + (f", feature encoder `{encoder}`" if encoder else "")
             + ". The phenotype is the fraction of the normalised AC spectral energy above radius "
-            f"{metrics.attrs.get('phenotype_tau', 0.02)} cycles/pixel (DESIGN.md).")
+            f"{metrics.attrs.get('phenotype_tau', 0.02)} cycles/pixel (docs/phenotype.md).")
 
 
 def _fmt(value: float) -> str:

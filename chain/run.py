@@ -5,17 +5,19 @@
     measure D_k, record it in metrics.nc (atomically, after every finished (condition, iteration))
 
 Entry point: `run_chain(config, out_dir)`. A run directory holds config.toml (resolved), metrics.nc,
-images/<condition>/<iteration>/<image>.png, lora/<condition>/<iteration>/ (diffusers layout), log.jsonl and,
-for a "tiny" model, base_model/; with the selection assay on ([assay] images > 0) also the reference sets,
-images_reference/<condition>/<iteration>/<image>.png (see `reference_set`). Rerunning continues where it
-stopped: finished cells are read back, the images a later iteration trains on are always read from their PNG
-files (also in an uninterrupted run), and
-every random draw comes from generators seeded by (run seed, condition, iteration, image), so an interrupted
-and resumed run gives the same metrics as an uninterrupted one (on the same device).
+images/<condition>/<iteration>/<image>.png, lora/<condition>/<iteration>/ (diffusers layout), log.jsonl,
+inputs.json (D_0's fingerprint), run.lock (the lock of the process running it), data/ for data.source =
+"toy", for a "tiny" model base_model/ and, with the selection assay on ([assay] images > 0), the reference
+sets, images_reference/<condition>/<iteration>/<image>.png (see `reference_set`). Rerunning continues where
+it stopped: finished cells are read back, the images a later iteration trains on are always read from their
+PNG files (also in an uninterrupted run), and every random draw comes from generators seeded by (run seed,
+condition, iteration, image), so an interrupted and resumed run gives the same metrics as an uninterrupted
+one (on the same device).
 
-Reading order: `run_chain` (the loop) calls `open_run` (resume checks, config.toml, D_0, the base model,
-metrics.nc with its provenance), `record_originals` (D_0 as iteration 0) and `run_cell` for every
-(condition, iteration) not yet finished (train, generate, save, the assay's reference set, measure, record).
+Reading order: `run_chain` (the loop) calls `open_run` (preflight, the folder's lock, resume checks,
+config.toml, D_0 and its fingerprint, the base model, metrics.nc with its provenance), `record_originals`
+(D_0 as iteration 0) and `run_cell` for every (condition, iteration) not yet finished (train, generate,
+save, the assay's reference set, measure, record).
 
 The finetune+generate stage is injectable (`stages=`): any callable IterationJob -> IterationResult, so the
 loop runs with stand-ins (tests use one that blurs its input). Progress is reported through callbacks the
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import time
 from collections.abc import Callable
@@ -43,12 +44,14 @@ from chain.data import CaptionedDataset, load_captioned_folder
 from chain.errors import RunError
 from chain.images import load_image, save_image
 from chain.measure import Measurer, build_clip, build_encoder, measure
+from chain.runlock import RunLock, hold_run_folder
 from chain.sampling import image_seed, make_generator
 from qtmio.atomic import write_text_atomic
 from qtmio.contract import METRICS_FILE, REFERENCE_PHENOTYPE
 from qtmio.images import list_images
 from qtmio.netcdf import read_netcdf, write_netcdf
 from qtmio.provenance import provenance
+from qtmio.strict_json import dumps_strict
 
 PACKAGES = ("qtm", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "xarray", "h5netcdf")
 
@@ -104,7 +107,7 @@ class RunLog:
             return
         row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "event": kind, **fields}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(row, default=float) + "\n")
+            fh.write(dumps_strict(row) + "\n")  # strict JSON: NaN -> null, inf -> "inf" (qtmio.strict_json)
 
 
 # ------------------------------------------------------------------------------------------------ the stages
@@ -279,12 +282,14 @@ def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
     text = config_to_toml(config)
     produced = (out_dir / METRICS_FILE).exists() or (out_dir / "base_model").exists()
     if path.exists() and produced:  # before anything is produced a corrected config simply replaces it
-        if path.read_text() != text:
-            raise RunError(
-                f"{path} holds a different configuration: this folder belongs to another run. Use a new "
-                "{out_dir}, or delete the folder to start over", parameters=("out_dir",)
-            )
-        return
+        from chain.resume import config_change_problem
+
+        recorded = path.read_text()
+        if recorded == text:
+            return
+        problem = config_change_problem(recorded, config, str(path))  # names the fields that differ
+        if problem:
+            raise RunError(problem, parameters=("out_dir",))
     write_text_atomic(path, text)
 
 
@@ -373,6 +378,16 @@ class Run:
     measurer: Measurer
     log: RunLog
     metrics: xr.Dataset
+    notes: tuple[str, ...] = ()
+    """What the user should know about the inputs (an older folder fingerprinted now, upscaled D_0 images)."""
+    lock: RunLock | None = None
+    """The run folder's lock (chain.runlock), held by the main process until `close`."""
+
+    def close(self) -> None:
+        """Release the run folder (another process may open it from now on)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def metrics_path(self) -> Path:
@@ -406,12 +421,33 @@ class Run:
 
 def open_run(config: ChainConfig, out_dir: str | Path, *, encoder=None, stages: Stages | None = None,
              progress: Progress | None = None) -> Run:
-    """Open (or reopen) the run folder of `config`: check D_0 completely, check or write config.toml, build
-    the base model and the stages, and read metrics.nc (checked against the config) or create it with the
-    run's provenance. Raises DatasetError or RunError before anything is trained."""
+    """Open (or reopen) the run folder of `config`: check the device and the base model's shapes
+    (chain.preflight), lock the folder for this process (chain.runlock; a folder another run holds raises
+    RunError naming it) and sweep the temporaries of killed writes, write D_0 for data.source = "toy", check
+    D_0 completely, check or write config.toml (a changed config is refused naming the fields, chain.resume)
+    and D_0's fingerprint (inputs.json, chain.inputs), build the base model and the stages, and read
+    metrics.nc (grown when run.num_iterations was raised, checked against the config) or create it with the
+    run's provenance. Raises ConfigError, DatasetError or RunError before anything is trained. The returned
+    Run holds the folder's lock: `close()` it when done."""
+    from chain.preflight import preflight
+
+    preflight(config)
+    out_dir = Path(out_dir)
+    lock = hold_run_folder(out_dir)
+    try:
+        return _open_locked(config, out_dir, lock, encoder=encoder, stages=stages, progress=progress)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _open_locked(config: ChainConfig, out_dir: Path, lock: RunLock | None, *, encoder, stages: Stages | None,
+                 progress: Progress | None) -> Run:
     from accelerate import Accelerator
 
-    out_dir = Path(out_dir)
+    from chain.inputs import check_or_record_inputs, prepare_data, upscale_note
+
     out_dir.mkdir(parents=True, exist_ok=True)
     device = config.run.device
     if device == "auto":
@@ -422,13 +458,21 @@ def open_run(config: ChainConfig, out_dir: str | Path, *, encoder=None, stages: 
             f"finetune.batch_size = {config.finetune.batch_size} is not divisible by the "
             f"{accelerator.num_processes} processes: the global batch is split evenly; change one of them"
         )
+    with accelerator.main_process_first():  # data.source = "toy": D_0 is written into the run folder once
+        data_path = prepare_data(config, out_dir)
     originals = load_captioned_folder(
-        config.data.path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
+        data_path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
         format=config.data.format, center_crop=config.data.center_crop, max_images=config.data.max_images,
     )
     is_main = accelerator.is_main_process
+    notes: tuple[str, ...] = ()
     if is_main:
         _check_or_write_config(config, out_dir)
+        problem, input_note = check_or_record_inputs(config, data_path, out_dir)  # D_0 fingerprint
+        if problem:
+            raise RunError(problem, parameters=("out_dir",))
+        small = upscale_note(originals.root, originals.names, config.data.resolution)
+        notes = tuple(n for n in (input_note, small) if n)
     accelerator.wait_for_everyone()
     log = RunLog(out_dir / "log.jsonl" if is_main else None)
     progress = progress if progress is not None and is_main else _no_progress
@@ -443,15 +487,20 @@ def open_run(config: ChainConfig, out_dir: str | Path, *, encoder=None, stages: 
     path = out_dir / METRICS_FILE
     if path.exists():
         metrics = store.with_reference(read_netcdf(path))
-        _check_resumed_metrics(config, metrics, path, num_images)
+        if metrics.sizes["iteration"] < config.run.num_iterations + 1:  # run.num_iterations raised: continue
+            from chain.resume import extend_iterations
+
+            metrics = extend_iterations(metrics, config.run.num_iterations, config_to_toml(config))
+        _check_resumed_metrics(config, metrics, path, num_images, data_path)
     else:
         metrics = _new_metrics(config, num_images, measurer.encoder)
     if config.assay.images:
         metrics[REFERENCE_PHENOTYPE].attrs["reference_scale"] = config.assay.reference_scale
-    return Run(config, out_dir, accelerator, originals, stages, measurer, log, metrics)
+    return Run(config, out_dir, accelerator, originals, stages, measurer, log, metrics, notes, lock)
 
 
-def _check_resumed_metrics(config: ChainConfig, metrics: xr.Dataset, path: Path, num_images: int) -> None:
+def _check_resumed_metrics(config: ChainConfig, metrics: xr.Dataset, path: Path, num_images: int,
+                           data_path: Path) -> None:
     expected = [c.name for c in config.conditions]
     if list(map(str, metrics.condition.values)) != expected \
             or metrics.sizes["iteration"] != config.run.num_iterations + 1:
@@ -460,7 +509,7 @@ def _check_resumed_metrics(config: ChainConfig, metrics: xr.Dataset, path: Path,
     if metrics.sizes["image"] != num_images:
         n, ipp = num_images // config.sampling.images_per_prompt, config.sampling.images_per_prompt
         raise RunError(
-            f"{path} holds {metrics.sizes['image']} images per iteration but {config.data.path} now gives "
+            f"{path} holds {metrics.sizes['image']} images per iteration but {data_path} now gives "
             f"{num_images} ({n} images x {ipp} per prompt): the original images changed since this run started; "
             "restore them or use a new {out_dir}", parameters=("out_dir",)
         )
@@ -473,7 +522,8 @@ def _new_metrics(config: ChainConfig, num_images: int, encoder) -> xr.Dataset:
     side = min(config.data.resolution, 256)
     attrs = provenance(
         PACKAGES, seed=config.run.seed,
-        dataset=config.run.dataset_name or Path(config.data.path).name,
+        dataset=config.run.dataset_name or (f"toy-d0-seed{config.data.toy_seed}" if config.data.source == "toy"
+                                            else Path(config.data.path).name),
         base_model=config.model.path,
         config=config_to_toml(config),
         feature_encoder=getattr(encoder, "name", type(encoder).__name__) if encoder is not None else "",
@@ -563,6 +613,7 @@ def run_chain(
     encoder=None,
     stages: Stages | None = None,
     after_cell: Callable[[str, int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> xr.Dataset:
     """Run (or continue) the chain of `config` in `out_dir`; returns the final metrics dataset.
 
@@ -573,24 +624,33 @@ def run_chain(
     stages: the finetune+generate stage (default DiffusionStages on the configured base model).
     after_cell(condition, iteration): called after each finished cell has been written (a hook for
     callers and tests).
-    The dataset (D_0) is checked completely before anything is trained; problems raise DatasetError.
+    notify(message): told each note about the inputs (also written to log.jsonl as a "note" event).
+    The dataset (D_0) is checked completely before anything is trained; problems raise DatasetError. One
+    process at a time runs in a folder (`open_run`).
     """
     run = open_run(config, out_dir, encoder=encoder, stages=stages, progress=progress)
-    pending = run.pending_cells()
-    total = len(config.conditions) * config.run.num_iterations
-    run.log.event("start", out_dir=str(run.out_dir), conditions=[c.name for c in config.conditions],
-                  num_iterations=config.run.num_iterations, num_images=len(run.originals),
-                  resumed=bool(store.completed_cells(run.metrics)))
-    record_originals(run)
-    bar = (progress if progress is not None and run.is_main else _no_progress)("chain", total)
-    bar(completed=total - len(pending))
-    for condition, k in pending:
-        run_cell(run, condition, k)
-        bar(info=f"{condition.name} iteration {k}")
-        if after_cell is not None:
-            after_cell(condition.name, k)
-    run.log.event("finished")
-    return run.metrics
+    try:
+        pending = run.pending_cells()
+        total = len(config.conditions) * config.run.num_iterations
+        run.log.event("start", out_dir=str(run.out_dir), conditions=[c.name for c in config.conditions],
+                      num_iterations=config.run.num_iterations, num_images=len(run.originals),
+                      resumed=bool(store.completed_cells(run.metrics)))
+        for note in run.notes:
+            run.log.event("note", message=note)
+            if notify is not None:
+                notify(note)
+        record_originals(run)
+        bar = (progress if progress is not None and run.is_main else _no_progress)("chain", total)
+        bar(completed=total - len(pending))
+        for condition, k in pending:
+            run_cell(run, condition, k)
+            bar(info=f"{condition.name} iteration {k}")
+            if after_cell is not None:
+                after_cell(condition.name, k)
+        run.log.event("finished")
+        return run.metrics
+    finally:
+        run.close()
 
 
 def _finite_mean(values: np.ndarray) -> float:

@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+# The names of the temporary files and folders below: ".<name>.<pid>.<12 hex digits>.tmp[<suffix>]".
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{12}\.tmp(\.[^.]*)?")
+
+
+def temp_owner(name: str) -> int | None:
+    """The pid that made a temporary file or folder of this module (from its name), else None."""
+    m = TEMP_NAME.fullmatch(name)
+    return int(m.group("pid")) if m else None
 
 
 def _temporary_name(path: Path, suffix: str) -> Path:

@@ -1,4 +1,4 @@
-"""The results contract between the chain and the fit (README.md, "Results contract").
+"""The results contract between the chain and the fit (docs/results-contract.md).
 
 A run folder holds `metrics.nc` (METRICS_FILE): one dataset with
 
@@ -116,7 +116,7 @@ def read_coordinates(ds: Any, source: str) -> tuple[tuple[str, ...], np.ndarray,
     for coord in ("condition", "iteration"):
         if coord not in ds.coords and coord not in ds.dims:
             raise ContractError(f"{source}: coordinate '{coord}' is missing; the dimensions 'condition' and "
-                                "'iteration' are required (README.md, Results contract)")
+                                "'iteration' are required (docs/results-contract.md)")
     conditions = [str(c) for c in np.asarray(ds["condition"].values).tolist()]
     if len(set(conditions)) != len(conditions):
         raise ContractError(f"{source}: coordinate 'condition' has repeated names {conditions}")
@@ -152,7 +152,7 @@ def check_schema(ds: Any, source: str) -> None:
     version = ds.attrs.get("schema_version")
     if version is None:
         raise ContractError(f"{source}: attribute 'schema_version' is missing; set "
-                            f"ds.attrs['schema_version'] = {SCHEMA_VERSION} (README.md, Results contract)")
+                            f"ds.attrs['schema_version'] = {SCHEMA_VERSION} (docs/results-contract.md)")
     try:
         ok = float(np.asarray(version).item()) == SCHEMA_VERSION
     except (TypeError, ValueError):

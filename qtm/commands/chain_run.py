@@ -7,30 +7,38 @@ from typing import Annotated
 
 import typer
 
-from qtm.commands.common import JsonFlag, console, print_json, progress_bars, reported
+from qtm.commands.common import JsonFlag, console, fail, note, print_json, progress_bars, reported
 
-FLAGS = {"out_dir": "--out"}
-"""run_chain's arguments -> this command's flags."""
+FLAGS = {"out_dir": "--out", "overrides": "--set"}
+"""load_config's and run_chain's arguments -> this command's flags."""
 
 
 def run(
     config: Annotated[Path, typer.Argument(help="TOML config (see examples/tiny_cpu.toml, examples/paper_sd15.toml).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder, e.g. results/NAME; rerunning continues it.")],
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override one config value, section.key=value (a TOML value), e.g. --set "
+                      "sampling.num_steps=20 --set run.seed=3; repeatable. Stored in the run's config.toml.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Rich progress bars.")] = True,
     json_output: JsonFlag = False,
 ) -> None:
     """Finetune and generate for every condition and iteration; write metrics.nc after each one."""
+    from chain.config import load_config
+
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a folder; name a new or existing run folder")
+    with reported(FLAGS):  # checked before torch or any model is imported
+        cfg = load_config(config, overrides or ())
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from chain.config import load_config
     from chain.run import run_chain
 
     # The chain shows its own progress; the libraries' per-file loading bars would interleave with it.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     with reported(FLAGS), progress_bars(enabled=progress and not json_output) as bars:
-        ds = run_chain(load_config(config), out, progress=bars)
+        ds = run_chain(cfg, out, progress=bars, notify=note)
     summary = {
         "out": str(out),
         "metrics": str(Path(out) / "metrics.nc"),

@@ -4,7 +4,6 @@ output checks, JSON, consoles and progress bars."""
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from qtmio.errors import LibraryError
+from qtmio.strict_json import dumps_strict
 
 EXIT_USAGE = 2
 """Exit code of every refused input, as typer's own usage errors."""
@@ -22,11 +22,15 @@ NetcdfOut = Annotated[Path | None, typer.Option(
     "--out", help="Also write the result as a netCDF dataset to this file (.nc).")]
 PlotOut = Annotated[Path | None, typer.Option(
     "--plot", help="Also draw the result to this image file (.png, .pdf or .svg).")]
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+"""The figure formats of PlotOut (checked with check_output before any work)."""
 
 
 def fail(message: str, *, code: int = EXIT_USAGE) -> NoReturn:
-    """Print one clear error line on stderr and exit non-zero."""
-    typer.echo(f"error: {message}", err=True)
+    """Print one clear error line on stderr (one per line of `message`, e.g. one per bad config value) and
+    exit non-zero."""
+    for line in str(message).splitlines() or [""]:
+        typer.echo(f"error: {line}", err=True)
     raise typer.Exit(code)
 
 
@@ -53,6 +57,11 @@ def writing(flag: str, path: Path) -> Iterator[None]:
         fail(f"{flag} {path}: {err}")
 
 
+def note(message: str) -> None:
+    """Print one note for the user on stderr (what a library reports through its `notify` callback)."""
+    typer.echo(f"note: {message}", err=True)
+
+
 def check_output(flag: str, path: Path | None, *, suffixes: tuple[str, ...] = ()) -> None:
     """Refuse an output path that is a folder, or (with `suffixes`) has another suffix, before any work."""
     if path is None:
@@ -65,20 +74,8 @@ def check_output(flag: str, path: Path | None, *, suffixes: tuple[str, ...] = ()
 
 
 def print_json(obj: Any) -> None:
-    """Print one JSON object on stdout (numpy scalars and arrays converted)."""
-    sys.stdout.write(json.dumps(obj, default=_json_default, allow_nan=True) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if hasattr(value, "__array__"):
-        return np.asarray(value).tolist()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+    """Print one strict JSON object on stdout (qtmio.strict_json: NaN -> null, infinities -> "inf"/"-inf")."""
+    sys.stdout.write(dumps_strict(obj) + "\n")
 
 
 def console():
@@ -108,17 +105,47 @@ class ProgressBar:
             self._task = None
 
 
+class StageLines:
+    """Progress off a terminal (a log file, a pipe, CI): one line on stderr when a stage starts and one when
+    it ends, `<prefix>: <stage> (<total>)` and `<prefix>: <stage> done (<seconds> s)`; called like a
+    ProgressBar."""
+
+    def __init__(self, prefix: str, description: str, total: int):
+        import time
+
+        self._prefix, self._description, self._total = prefix, description, total
+        self._done, self._start = 0.0, time.perf_counter()
+        print(f"{prefix}: {description} ({total})", file=sys.stderr, flush=True)
+
+    def __call__(self, advance: float = 1, *, completed: float | None = None, total: float | None = None,
+                 info: str = "") -> None:
+        import time
+
+        if self._done >= self._total:
+            return
+        self._total = self._total if total is None else total
+        self._done = self._done + advance if completed is None else completed
+        if self._done >= self._total:
+            print(f"{self._prefix}: {self._description} done ({time.perf_counter() - self._start:.1f} s)",
+                  file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
-def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int], ProgressBar] | None]:
+def progress_bars(enabled: bool = True, *, lines: str | None = None,
+                  stderr=None) -> Iterator[Callable[[str, int], ProgressBar | StageLines] | None]:
     """Rich progress bars on stderr for the libraries' `progress` callbacks: yields
-    `start(description, total) -> ProgressBar`, or None when disabled or when stderr is not a terminal
-    (the libraries then report nothing)."""
+    `start(description, total) -> ProgressBar`, or None when disabled. Off a terminal it yields None (the
+    libraries then report nothing), or with `lines` (a prefix such as "qtm fit") a StageLines per stage.
+    `stderr`: the rich console to draw on (default: a new one on stderr)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    err = Console(stderr=True)
-    if not enabled or not err.is_terminal:
+    err = stderr if stderr is not None else Console(stderr=True)
+    if not enabled:
         yield None
+        return
+    if not err.is_terminal:
+        yield (lambda description, total: StageLines(lines, description, total)) if lines else None
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=err, transient=True) as bars:

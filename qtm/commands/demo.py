@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from qtm.commands.common import JsonFlag, console, fail, print_json, progress_bars, reported
+from qtm.commands.common import JsonFlag, console, fail, note, print_json, progress_bars, reported
 
 FLAGS = {"out_dir": "--out"}
 """run_chain's arguments -> this command's flags."""
@@ -97,15 +97,18 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
     previous = out / "config.toml"
     if (out / METRICS_FILE).exists() and previous.is_file() and previous.read_text() != config_to_toml(config):
         # checked before D_0 is touched, so another run's images are never rewritten
-        raise RunError(f"{previous} holds a different configuration: this folder belongs to another run "
-                       "(a run folder from another demo size? use a new {out_dir})", parameters=("out_dir",))
+        from chain.resume import config_change_problem
+
+        problem = config_change_problem(previous.read_text(), config, str(previous))
+        if problem:
+            raise RunError(problem, parameters=("out_dir",))
     # D_0 is a pure function of the seed: (re)write it unless exactly the expected image/caption pairs are
     # there (a demo killed while writing it leaves a partial folder; rewriting gives the same bytes).
     pngs = sorted(data_dir.glob("*.png"))
     if len(pngs) != settings.num_images or not all(p.with_suffix(".txt").is_file() for p in pngs):
         make_toy_dataset(data_dir, num_images=settings.num_images, seed=seed, resolution=32, distribution="d0")
     with progress_bars(enabled=progress) as bars:
-        run_chain(config, out, progress=bars, encoder=load_toy_encoder())
+        run_chain(config, out, progress=bars, encoder=load_toy_encoder(), notify=note)
     seconds["chain"] = time.perf_counter() - t0
 
     status = Console(stderr=True, quiet=not progress).status
@@ -134,6 +137,8 @@ def demo(
     json_output: JsonFlag = False,
 ) -> None:
     """The whole loop on the embedded toy world: chain (low CFG, high CFG, ReDiFine), fit, report."""
+    if seed < 0:
+        fail(f"--seed {seed}: must be >= 0")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a directory")
     settings = DemoSettings.quick() if quick else DemoSettings()

@@ -7,13 +7,14 @@ a table on the terminal (or `--json`), `--out fit.nc`, `--plot fit.png`. Heavy i
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from qtm.commands.common import (JsonFlag, NetcdfOut, PlotOut, check_output, console, fail, print_json,
-                                 progress_bars, reported, writing)
+from qtm.commands.common import (PLOT_SUFFIXES, JsonFlag, NetcdfOut, PlotOut, check_output, console, fail,
+                                 print_json, progress_bars, reported, writing)
 
 FLAGS = {
     "selection": "--model", "mutation": "--mutation", "variance": "--variance", "objective": "--objective",
@@ -103,9 +104,9 @@ def fit(
     with reported(FLAGS):
         config.validate()
     check_output("--out", out)
-    check_output("--plot", plot)
+    check_output("--plot", plot, suffixes=PLOT_SUFFIXES)
 
-    with reported(FLAGS), progress_bars() as bars:
+    with reported(FLAGS), progress_bars(lines="qtm fit") as bars:
         obs = load_observations(path)
         result = fit_observations(obs, config, key=jax.random.key(seed), progress=bars)
         comparison = None

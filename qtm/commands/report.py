@@ -108,6 +108,8 @@ def report(
         fail(f"{run_dir} is not a directory: give a run directory written by `qtm chain run` or `qtm demo`")
     if fit_path is not None and not fit_path.is_file():
         fail(f"--fit {fit_path} does not exist")
+    if out is not None and out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a folder; name a folder for the report")
     with writing("--out", out or run_dir / "report"), reported({"num_bootstrap": "--bootstrap-samples"}):
         result = build_report(run_dir, fit_path=fit_path, out_dir=out, images_per_cell=images_per_cell,
                               num_bootstrap=bootstrap_samples)

@@ -13,10 +13,8 @@ from typing import Annotated
 
 import typer
 
-from qtm.commands.common import (JsonFlag, NetcdfOut, PlotOut, check_output, console, fail, print_json,
-                                 progress_bars, writing)
-
-PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+from qtm.commands.common import (PLOT_SUFFIXES, JsonFlag, NetcdfOut, PlotOut, check_output, console, fail,
+                                 print_json, progress_bars, writing)
 
 
 def spectra(

@@ -66,7 +66,7 @@ def test_errors_name_file_and_field(tmp_path, extra, field):
 
 def test_missing_required_field(tmp_path):
     p = _write(tmp_path, "[data]\nresolution = 32\n[model]\npath = \"tiny\"\n[[conditions]]\nname = \"a\"\n")
-    with pytest.raises(ConfigError, match=r"missing required field 'data.path'"):
+    with pytest.raises(ConfigError, match=r"field 'data.path'"):
         load_config(p)
     p = _write(tmp_path, "[data]\npath = \"d\"\n[model]\npath = \"tiny\"\n")
     with pytest.raises(ConfigError, match="conditions"):

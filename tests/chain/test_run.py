@@ -186,8 +186,8 @@ def test_cli_errors_name_the_problem(tmp_path, example_config):
     cfg_a = tiny_config(make_captioned_folder(tmp_path / "d", num_images=2), num_iterations=1,
                         conditions=[{"name": "a", "scale": 1.0}])
     run_chain(cfg_a, tmp_path / "run", stages=lambda job: IterationResult(images=job.train_images))
-    cfg_b = tiny_config(tmp_path / "d", num_iterations=2, conditions=[{"name": "a", "scale": 1.0}])
-    with pytest.raises(RunError, match="config.toml"):
+    cfg_b = tiny_config(tmp_path / "d", num_iterations=1, conditions=[{"name": "a", "scale": 2.0}])
+    with pytest.raises(RunError, match=r"config.toml.*conditions\[0\].scale: 1.0 -> 2.0"):
         run_chain(cfg_b, tmp_path / "run", stages=lambda job: IterationResult(images=job.train_images))
 
 

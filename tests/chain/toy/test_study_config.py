@@ -42,7 +42,7 @@ def test_metrics_encoder_toy_is_the_committed_toy_encoder(tmp_path):
 def test_toy_study_config_is_the_planned_study():
     config = load_config(STUDY)
     assert config.model.path == "toy" and config.metrics.encoder == "toy"
-    assert Path(config.data.path) == ROOT / "studies" / "toy" / "d0"
+    assert (config.data.source, config.data.toy_images, config.data.toy_seed) == ("toy", 256, 0)
     assert (config.data.resolution, config.run.num_iterations, config.run.seed) == (32, 6, 0)
     f = config.finetune
     assert (f.rank, f.alpha, f.unet_lr, f.text_encoder_lr, f.batch_size, f.epochs, f.clip_skip) \
