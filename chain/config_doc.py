@@ -33,7 +33,7 @@ file's folder. Examples: `examples/tiny_cpu.toml`, `examples/paper_sd15.toml`.
 
 SECTIONS = (("run", C.RunConfig), ("data", C.DataConfig), ("model", C.ModelConfig),
             ("model.tiny", C.TinyModelConfig), ("finetune", C.FinetuneConfig), ("sampling", C.SamplingConfig),
-            ("metrics", C.MetricsConfig))
+            ("metrics", C.MetricsConfig), ("assay", C.AssayConfig))
 
 
 def field_comments(cls: type) -> dict[str, str]:

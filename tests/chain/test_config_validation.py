@@ -90,6 +90,8 @@ CASES = [
     ("metrics.recall_k", -1, ">= 1"),
     ("metrics.batch_size", 0, ">= 1"),
     ("metrics.phenotype_tau", 0.8, "1/sqrt(2)"),
+    ("assay.images", -1, ">= 0"),
+    ("assay.reference_scale", float("nan"), ">= 0"),
     ("conditions.name", "../x", "folder-safe"),
     ("conditions.condition_drop", 1.5, "[0, 1]"),
     ("conditions.constant.scale", -1.0, ">= 0"),
