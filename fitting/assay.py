@@ -457,11 +457,12 @@ def load_assay_input(path: str | Path) -> AssayInput:
     """Read a run directory (holding metrics.nc) or a .nc file; see `assay_input_from_dataset`."""
     import xarray as xr
 
-    from fitting.observations import ObservationError, resolve_path
+    from qtmio.contract import results_file
+    from qtmio.errors import ContractError
 
     try:
-        file = resolve_path(path)
-    except ObservationError as exc:
+        file = results_file(path)
+    except ContractError as exc:
         raise AssayError(str(exc)) from exc
     try:
         with xr.open_dataset(file, engine="h5netcdf") as ds:
@@ -545,7 +546,8 @@ def assay_dataset(result: AssayResult, *, command: str | None = None) -> Any:
 
     import xarray as xr
 
-    from fitting.results import provenance
+    from fitting.results import PACKAGES
+    from qtmio.provenance import provenance
 
     dims = ("condition", "iteration")
     data_vars: dict[str, Any] = {}
@@ -588,7 +590,7 @@ def assay_dataset(result: AssayResult, *, command: str | None = None) -> Any:
         "seed": result.seed if result.seed is not None else "none",
         "notes": json.dumps(list(result.notes)),
         "definitions": "docs/assay.md",
-        **provenance(),
+        **provenance(PACKAGES),
     }
     if command:
         attrs["command"] = command
@@ -598,9 +600,9 @@ def assay_dataset(result: AssayResult, *, command: str | None = None) -> Any:
 
 def write_assay(result: AssayResult, path: str | Path, **kwargs) -> Path:
     """Write assay.nc atomically (temporary file beside it, then os.replace)."""
-    from qtm.dataset import write_netcdf_atomic
+    from qtmio.netcdf import write_netcdf
 
-    return write_netcdf_atomic(assay_dataset(result, **kwargs), path)
+    return write_netcdf(assay_dataset(result, **kwargs), path)
 
 
 def _num(x: Any) -> float | None:

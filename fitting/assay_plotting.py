@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtm.plotting import save_figure_atomic
+from qtmio.figures import save_figure
 
 
 def plot_assay(result, path: str | Path) -> Path:
@@ -116,6 +116,6 @@ def plot_assay_dataset(ds, path: str | Path) -> Path:
     fig.suptitle(f"selection assay: guided vs reference (scale {scale}); {conf:.0%} bootstrap intervals")
     fig.tight_layout()
     try:
-        return save_figure_atomic(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
