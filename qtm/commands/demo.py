@@ -2,9 +2,11 @@
 
 1. D_0: the procedural captioned toy images (chain.toy.make_toy_dataset), written into the run folder.
 2. The Chain of Diffusion (chain.run.run_chain) from the committed toy base model, for a low CFG, a high
-   CFG and ReDiFine (exponentially decaying CFG + condition drop), measured with the toy feature encoder.
+   CFG and ReDiFine (exponentially decaying CFG + condition drop), measured with the toy feature encoder;
+   with the selection assay's reference set (every iteration's images once more at scale 1, unguided).
 3. `qtm fit --drift` on the measured phenotypes (fitting.driver.fit_observations) -> fit.nc.
-4. `qtm report` on the run folder -> report/.
+4. `qtm assay` on the run (fitting.assay.run_assay) -> report/assay.nc and report/assay.png.
+5. `qtm report` on the run folder -> report/.
 
 Rerunning continues where a previous run stopped (the chain is resumable; the fit and report are redone).
 """
@@ -64,6 +66,9 @@ def demo_config(data_dir: Path, settings: DemoSettings, *, seed: int):
         # 32-pixel images: the threshold keeps the 5.1 cycles per image of tau = 0.02 at 256 pixels
         # (0.02 cycles/pixel lies below the lowest non-zero frequency of a 32-pixel image, 1/32).
         "metrics": {"phenotype_tau": 0.02 * 256 / 32},
+        # the selection assay's reference set: every generated image once more from the same M_k and seed,
+        # unguided (scale 1: the conditional pass only)
+        "assay": {"images": s.num_images, "reference_scale": 1.0},
         "conditions": [
             {"name": f"cfg{s.low_cfg:g}", "schedule": "constant", "scale": s.low_cfg},
             {"name": f"cfg{s.high_cfg:g}", "schedule": "constant", "scale": s.high_cfg},
@@ -74,14 +79,17 @@ def demo_config(data_dir: Path, settings: DemoSettings, *, seed: int):
 
 
 def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool = True) -> dict:
-    """Run the four steps; returns the paths written and the wall time of each step."""
+    """Run the five steps; returns the paths written and the wall time of each step."""
     import jax
+    import numpy as np
     from rich.console import Console
 
     from chain.config import config_to_toml
     from chain.errors import RunError
     from chain.run import run_chain
     from chain.toy import load_toy_encoder, make_toy_dataset
+    from fitting.assay import AssayConfig, load_assay_input, run_assay, write_assay
+    from fitting.assay_plotting import plot_assay
     from fitting.driver import FitConfig, fit_observations
     from fitting.model import ModelSpec
     from fitting.observations import load_observations
@@ -119,12 +127,20 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
     seconds["fit"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
+    with status("qtm assay: guided against reference images per condition and iteration"):
+        assay = run_assay(load_assay_input(out), AssayConfig(), rng=np.random.default_rng(seed), seed=seed)
+        assay_path = write_assay(assay, out / "report" / "assay.nc", command="qtm demo")
+        assay_figure = plot_assay(assay, out / "report" / "assay.png")
+    seconds["assay"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
     with status("qtm report: figures and report.md"):
         report = build_report(out, fit_path=fit_path)
-    seconds["report"] = time.perf_counter() - t2
+    seconds["report"] = time.perf_counter() - t3
     return {"run_dir": str(out), "metrics": str(out / METRICS_FILE), "fit": str(fit_path),
+            "assay": str(assay_path), "assay_figure": str(assay_figure),
             "report": report["report"], "figures": report["figures"], "rows": report["rows"],
-            "fit_warnings": list(result.warnings), "seconds": seconds}
+            "fit_warnings": list(result.warnings), "assay_notes": list(assay.notes), "seconds": seconds}
 
 
 def demo(
@@ -133,7 +149,7 @@ def demo(
     seed: Annotated[int, typer.Option("--seed", help="Seed of D_0, finetuning and sampling.")] = 0,
     json_output: JsonFlag = False,
 ) -> None:
-    """The whole loop on the embedded toy world: chain (low CFG, high CFG, ReDiFine), fit, report."""
+    """The whole loop on the embedded toy world: chain (low CFG, high CFG, ReDiFine), fit, assay, report."""
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a directory")
     settings = DemoSettings.quick() if quick else DemoSettings()
@@ -149,4 +165,4 @@ def demo(
         terminal.print(f"[yellow]fit warning:[/yellow] {escape(warning)}", highlight=False)
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
     terminal.print(escape(f"demo finished ({times}): metrics {result['metrics']}, fit {result['fit']}, "
-                          f"report {result['report']}"), highlight=False)
+                          f"assay {result['assay']}, report {result['report']}"), highlight=False)
