@@ -2,9 +2,11 @@
 
 1. D_0: the procedural captioned toy images (chain.toy.make_toy_dataset), written into the run folder.
 2. The Chain of Diffusion (chain.run.run_chain) from the committed toy base model, for a low CFG, a high
-   CFG and ReDiFine (exponentially decaying CFG + condition drop), measured with the toy feature encoder.
+   CFG and ReDiFine (exponentially decaying CFG + condition drop), measured with the toy feature encoder;
+   with the selection assay's reference set (every iteration's images once more at scale 1, unguided).
 3. `qtm fit --drift` on the measured phenotypes (fitting.driver.fit_observations) -> fit.nc.
-4. `qtm report` on the run folder -> report/.
+4. `qtm report` on the run folder -> report/, the selection assay included (report/assay.nc, assay.png and
+   the assay against the fit).
 
 Rerunning continues where a previous run stopped (the chain is resumable; the fit and report are redone).
 """
@@ -64,6 +66,9 @@ def demo_config(data_dir: Path, settings: DemoSettings, *, seed: int):
         # 32-pixel images: the threshold keeps the 5.1 cycles per image of tau = 0.02 at 256 pixels
         # (0.02 cycles/pixel lies below the lowest non-zero frequency of a 32-pixel image, 1/32).
         "metrics": {"phenotype_tau": 0.02 * 256 / 32},
+        # the selection assay's reference set: every generated image once more from the same M_k and seed,
+        # unguided (scale 1: the conditional pass only)
+        "assay": {"images": s.num_images, "reference_scale": 1.0},
         "conditions": [
             {"name": f"cfg{s.low_cfg:g}", "schedule": "constant", "scale": s.low_cfg},
             {"name": f"cfg{s.high_cfg:g}", "schedule": "constant", "scale": s.high_cfg},
@@ -126,7 +131,8 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
         report = build_report(out, fit_path=fit_path)
     seconds["report"] = time.perf_counter() - t2
     return {"run_dir": str(out), "metrics": str(out / METRICS_FILE), "fit": str(fit_path),
-            "report": report["report"], "figures": report["figures"], "rows": report["rows"],
+            "report": report["report"], "assay": str(out / "report" / "assay.nc"),
+            "figures": report["figures"], "rows": report["rows"],
             "fit_warnings": list(result.warnings), "seconds": seconds}
 
 
@@ -136,7 +142,7 @@ def demo(
     seed: Annotated[int, typer.Option("--seed", help="Seed of D_0, finetuning and sampling.")] = 0,
     json_output: JsonFlag = False,
 ) -> None:
-    """The whole loop on the embedded toy world: chain (low CFG, high CFG, ReDiFine), fit, report."""
+    """The whole loop on the embedded toy world: chain (low CFG, high CFG, ReDiFine), fit, assay, report."""
     if seed < 0:
         fail(f"--seed {seed}: must be >= 0")
     if out.exists() and not out.is_dir():

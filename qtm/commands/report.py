@@ -77,9 +77,12 @@ def _assay_section(metrics, fit, out_dir: Path, *, source: str, num_bootstrap: i
                                markdown_assay, markdown_routes, run_assay)
     from fitting.assay_plotting import plot_assay_dataset, plot_routes
 
+    from qtmio.netcdf import write_netcdf
+
     data = assay_input_from_dataset(metrics, source=source)
     assay = assay_dataset(run_assay(data, AssayConfig(num_bootstrap=num_bootstrap), rng=np.random.default_rng(0),
-                                    seed=0))
+                                    seed=0), command="qtm report")
+    write_netcdf(assay, out_dir / "assay.nc")  # the numbers behind the section, as `qtm assay --out` writes them
     plot_assay_dataset(assay, out_dir / "assay.png")
     figures = {"Selection assay": "assay.png"}
     text = markdown_assay(assay, figure="assay.png")

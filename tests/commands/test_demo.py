@@ -1,4 +1,5 @@
-"""`qtm demo --quick`: the whole loop on the embedded toy world produces every file of the report."""
+"""`qtm demo --quick`: the whole loop on the embedded toy world produces every file of the report, the
+selection assay included."""
 
 import json
 
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 from qtm.cli import app
 
 REPORT_FILES = ("report.md", "phenotype.png", "images.png", "radial_spectra.png", "fd_dinov2.png", "recall.png",
-                "sfd.png")
+                "sfd.png", "assay.nc", "assay.png")
 
 
 def test_quick_demo_end_to_end_and_rerun(tmp_path):
@@ -39,6 +40,28 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path):
     observed = np.nanmean(hf, axis=2)
     assert np.allclose(fit["observed_mean"].sel(iteration=[1, 2]).values, observed[:, 1:], rtol=1e-9)
     assert {r["condition"] for r in summary["rows"]} == {"cfg1", "cfg7.5", "redifine"}
+
+    # the assay's reference set: one unguided image per generated image, never trained on
+    ref = metrics["hf_power_reference"].values
+    assert np.isnan(ref[:, 0]).all() and np.isfinite(ref[:, 1:]).all()
+    assert metrics["hf_power_reference"].attrs["reference_scale"] == 1.0
+    from chain.images import load_image
+
+    for k in (1, 2):  # CFG 1 is the unguided model itself: its guided and reference images agree to 8 bits
+        guided = sorted((out / "images" / "cfg1" / str(k)).glob("*.png"))
+        reference = sorted((out / "images_reference" / "cfg1" / str(k)).glob("*.png"))
+        assert len(reference) == len(guided) == metrics.sizes["image"]
+        for g, r in zip(guided, reference):
+            assert (load_image(g) - load_image(r)).abs().max() <= 1.0 / 255 + 1e-6
+    # assay.nc summarizes exactly the stored phenotypes: S = mean(guided) - mean(reference) per cell
+    assay = xr.open_dataset(out / "report" / "assay.nc", engine="h5netcdf").load()
+    assert list(assay["condition"].values) == ["cfg1", "cfg7.5", "redifine"]
+    assert list(assay["iteration"].values) == [1, 2]
+    np.testing.assert_allclose(assay["guided_mean"].values, hf[:, 1:].mean(axis=2), rtol=1e-12)
+    np.testing.assert_allclose(assay["reference_mean"].values, ref[:, 1:].mean(axis=2), rtol=1e-12)
+    np.testing.assert_allclose(assay["selection_differential"].values,
+                               hf[:, 1:].mean(axis=2) - ref[:, 1:].mean(axis=2), rtol=1e-9, atol=1e-15)
+    assert summary["assay"] == str(out / "report" / "assay.nc")
 
     # a rerun continues: nothing is regenerated, the metrics are unchanged, fit and report are redone
     mtime = (out / "images" / "cfg1" / "1").stat().st_mtime_ns
