@@ -9,9 +9,9 @@ images/<condition>/<iteration>/<image>.png, lora/<condition>/<iteration>/ (diffu
 for a "tiny" model, base_model/; with the selection assay on ([assay] images > 0) also the reference sets,
 images_reference/<condition>/<iteration>/<image>.png (see `reference_set`). Rerunning continues where it
 stopped: finished cells are read back, the images a later iteration trains on are always read from their PNG
-files (also in an uninterrupted run), and
-every random draw comes from generators seeded by (run seed, condition, iteration, image), so an interrupted
-and resumed run gives the same metrics as an uninterrupted one (on the same device).
+files (also in an uninterrupted run), and every random draw comes from generators seeded by (run seed,
+condition, iteration, image), so an interrupted and resumed run gives the same metrics as an uninterrupted
+one (on the same device).
 
 Reading order: `run_chain` (the loop) calls `open_run` (resume checks, config.toml, D_0, the base model,
 metrics.nc with its provenance), `record_originals` (D_0 as iteration 0) and `run_cell` for every
