@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qtmio.atomic import write_text_atomic
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -52,9 +54,7 @@ def write_results(name: str, figures: dict[str, Any], *, out_dir: Path | None = 
     record = {"benchmark": name, "machine": machine_info(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "figures": figures}
     path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2, default=float))
     print(f"== {name} ({record['machine']['cpu']}, {record['machine']['cpu_count']} cpus"
           + (f", {record['machine']['gpu']}" if "gpu" in record["machine"] else "") + ")")
     for key, value in figures.items():

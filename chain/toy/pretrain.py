@@ -17,7 +17,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -75,6 +74,7 @@ def pretrain(out_dir: Path, cfg: PretrainConfig, *, checkpoint: Path, resolution
     from chain.toy.dataset import sample_toy_images, caption_for
     from chain.toy.model import ToyModelConfig, build_toy_model, sample_images, save_toy_base_model
     from chain.toy.tokenizer import train_toy_tokenizer
+    from qtmio.atomic import atomic_write_path
 
     out_dir = Path(out_dir)
     tok_dir = train_toy_tokenizer(out_dir / "tokenizer")
@@ -110,9 +110,8 @@ def pretrain(out_dir: Path, cfg: PretrainConfig, *, checkpoint: Path, resolution
             "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
             "elapsed": elapsed, "config": dataclasses.asdict(cfg),
         }
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, checkpoint)
+        with atomic_write_path(checkpoint) as tmp:
+            torch.save(state, tmp)
         export = dataclasses.replace(model, unet=ema["unet"], text_encoder=ema["te"])
         save_toy_base_model(export, out_dir)
         meta = {"steps": step, "train_seconds": round(elapsed, 1), "config": dataclasses.asdict(cfg),
