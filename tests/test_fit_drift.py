@@ -23,7 +23,7 @@ import scipy.stats
 from typer.testing import CliRunner
 
 from fit_testdata import TRUTH_CONDITIONS, TRUTH_SHARED, montecarlo_phenotypes, recursion_phenotypes, results_dataset
-from fitting.drift import noise_covariance, residual_covariance
+from qtm.finite_population import noise_covariance, residual_covariance
 from fitting.model import ModelError, ModelSpec, build_problem, cell_nll
 from fitting.observations import from_phenotypes
 from qtm.params import PARAM_NAMES, TraitParams
