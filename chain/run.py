@@ -458,6 +458,7 @@ def run_chain(
     else:
         attrs = {
             "dataset": config.run.dataset_name or Path(config.data.path).name,
+            "data_kind": "chain",   # the images of an iteration are the chain's population (qtm fit: --drift)
             "base_model": base_source,
             "seed": config.run.seed,
             "git_revision": _git_revision(),

@@ -52,6 +52,8 @@ class Observations:
         phenotypes: (C, I, N) per-image phenotypes (NaN = missing), or None for the summary-only form.
         source: where the data came from (for messages and provenance).
         notes: remarks made while reading (e.g. pooled iteration 0).
+        kind: "chain" (the images of an iteration are the chain's population, `data_kind`),
+            "independent" or "unknown".
     """
 
     conditions: tuple[str, ...]
@@ -62,6 +64,7 @@ class Observations:
     phenotypes: np.ndarray | None
     source: str = "<memory>"
     notes: tuple[str, ...] = ()
+    kind: str = "unknown"
 
     @property
     def num_conditions(self) -> int:
@@ -280,7 +283,26 @@ def observations_from_dataset(ds: Any, *, source: str = "<dataset>") -> Observat
                                    f"all of {', '.join(SUMMARY_VARIABLES)} over (condition, iteration)")
         obs = _from_summary_variables(ds, conditions, iterations, order, source)
     _check_content(obs, source)
+    obs = dataclasses.replace(obs, kind=data_kind(ds))
     return _note_iteration_zero(_drop_unfinished(obs))
+
+
+DATA_KINDS = ("chain", "independent", "unknown")
+
+
+def data_kind(ds: Any) -> str:
+    """Whether a results dataset holds a chain's images (MODEL.md section 5) or independent draws.
+
+    Rule, in order: the attribute `data_kind` ("chain" or "independent") when present (`qtm chain run`
+    writes "chain"); else "chain" when the dataset has the layout only `qtm chain run` writes (the
+    per-cell variable `completed` and the attribute `base_model`, as in run folders written before the
+    attribute existed); else "unknown"."""
+    kind = str(ds.attrs.get("data_kind", "")).strip().lower()
+    if kind in ("chain", "independent"):
+        return kind
+    if "completed" in ds.data_vars and "base_model" in ds.attrs:
+        return "chain"
+    return "unknown"
 
 
 def _check_schema(ds, source: str) -> None:
