@@ -9,6 +9,7 @@ QQ figure) to DIR. About 200 seeds per study state coverage within +-0.03 (two s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import io
 import sys
@@ -23,6 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=1000, help="images per iteration N (default 1000)")
     parser.add_argument("--iterations", type=int, default=6, help="iterations K (default 6)")
     parser.add_argument("--studies", default="independent,chain,forecast")
+    parser.add_argument("--interval", default="laplace", choices=("laplace", "profile", "bootstrap"),
+                        help="interval method of the fits (default laplace, qtm fit's default)")
     parser.add_argument("--out", type=Path, default=Path("results/verification"))
     args = parser.parse_args(argv)
     studies = [s.strip() for s in args.studies.split(",") if s.strip()]
@@ -43,9 +46,10 @@ def main(argv=None) -> int:
         kind = "independent" if name == "independent" else "chain"
         train = 3 if name == "forecast" else None
         study = run_study(kind, num_seeds=args.seeds, num_images=args.images, num_iterations=args.iterations,
-                          first_seed=args.first_seed, train_iterations=train,
+                          first_seed=args.first_seed, train_iterations=train, interval=args.interval,
                           progress=lambda s: print(f"{name}: seed {s} done", file=sys.stderr, flush=True))
-        study = study if name != "forecast" else type(study)(**{**study.__dict__, "kind": "forecast (chain)"})
+        label = ("forecast (chain)" if name == "forecast" else name) + f", {args.interval} intervals"
+        study = dataclasses.replace(study, kind=label)
         tables.append(format_table(study))
         print(tables[-1], flush=True)
         buffer = io.StringIO()
