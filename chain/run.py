@@ -43,7 +43,7 @@ from chain.images import load_image, save_image
 from chain.measure import Measurer, build_clip, build_encoder
 from chain.sampling import image_seed, make_generator
 from qtmio.atomic import write_text_atomic
-from qtmio.contract import METRICS_FILE
+from qtmio.contract import DATA_KIND_ATTR, METRICS_FILE
 from qtmio.images import list_images
 from qtmio.netcdf import read_netcdf, write_netcdf
 from qtmio.provenance import provenance
@@ -385,6 +385,7 @@ def _new_metrics(config: ChainConfig, num_images: int, encoder) -> xr.Dataset:
         PACKAGES, seed=config.run.seed,
         dataset=config.run.dataset_name or Path(config.data.path).name,
         base_model=config.model.path,
+        **{DATA_KIND_ATTR: "chain"},   # the images of an iteration are the chain's population (qtm fit: drift)
         config=config_to_toml(config),
         feature_encoder=getattr(encoder, "name", type(encoder).__name__) if encoder is not None else "",
         clip_model=config.metrics.clip_model,

@@ -22,3 +22,12 @@ class ModelError(FittingError, ValueError):
 
 class FitError(FittingError, RuntimeError):
     """The optimization failed from every start; the message says what was tried."""
+
+
+class ConstantDataError(ObservationError):
+    """Data with zero variance in every cell (all values of each iteration identical): the likelihood has no
+    finite optimum."""
+
+
+class UnderdeterminedError(ModelError):
+    """More free parameters than the data give statistics: the fit is not determined."""

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from qtm.cli_common import fail, print_json
+from qtm.commands.common import fail, print_json
 
 
 def assay(
