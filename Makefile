@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test test-slow demo demo-quick bench clean
+.PHONY: install test test-slow verify demo demo-quick bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Coverage studies of `qtm fit` (verification/): hours on one core at the default 200 seeds per study.
+verify: $(STAMP)
+	$(PY) -m verification $(VERIFY_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/qtm demo

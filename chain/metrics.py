@@ -10,7 +10,8 @@ references compute them").
 - `sfd`: mean distance between the features of image i at iteration k and of image i at iteration 0.
 - `clip_score`: 100 x cosine of CLIP image and caption embeddings, averaged, the mean clamped at 0
   (torchmetrics' definition); captions are tokenized with truncation to 77 tokens.
-- `collapse_rate` and `collapse_slope`: how fast a metric moves along the chain (see their docstrings).
+- `collapse_rate` (the paper's Eq. 3) and `collapse_slope`: how fast a metric moves along the chain (see their
+  docstrings).
 - `paired_subsample_intervals` and `real_vs_real_floor`: uncertainty of all of the above;
   `metric_trajectory_intervals` applies them to a whole chain's features at once.
 """
@@ -183,17 +184,24 @@ def _trajectory(values, iterations) -> tuple[np.ndarray, np.ndarray]:
 
 
 def collapse_rate(values, iterations=None) -> float:
-    """Average change of a metric per iteration between the first and the last iteration:
+    """The paper's collapse rate (Eq. 3, Section 3.1): the metric's change per iteration from the first
+    generated iteration to the last,
 
-        CR = (m_K - m_0) / (t_K - t_0)
+        collapse rate = (m_K - m_1) / (K - 1),
 
-    This is how this project reads Eq. 3 of the paper ("collapse rate"); the equation itself was not
-    available when this was written, so treat the form as this project's definition. With FD or SFD against
-    D_0 (m_0 = 0 at iteration 0) it is the mean increase per iteration; for recall or CLIP score a negative
-    value means collapse. values: (K + 1,) metric per iteration; iterations default to 0 .. K.
+    with m_k the metric (e.g. FID) between iteration k's images and the original set D_0. Iteration 0 (D_0
+    against itself) does not enter. values: the metric per iteration, (K + 1,) for iterations 0 .. K by
+    default; with `iterations` given, the entry at iteration 1 and the last entry (iteration K) are used.
+    Raises ValueError without an iteration 1 or without a later iteration (K >= 2 is needed).
     """
     t, y = _trajectory(values, iterations)
-    return float((y[-1] - y[0]) / (t[-1] - t[0]))
+    first = np.flatnonzero(t == 1.0)
+    if first.size != 1:
+        raise ValueError(f"the collapse rate (Eq. 3) needs the metric at iteration 1; iterations are {t.tolist()}")
+    if not t[-1] > 1.0:
+        raise ValueError(f"the collapse rate (Eq. 3) needs an iteration K >= 2 after iteration 1; the last "
+                         f"iteration is {t[-1]:g}")
+    return float((y[-1] - y[first[0]]) / (t[-1] - 1.0))
 
 
 def collapse_slope(values, iterations=None) -> float:
@@ -330,7 +338,8 @@ def metric_trajectory_intervals(
         dist = [sfd(s, reference) for s in subsets]
         rows = [fd, rec, dist]
         for row in (fd, rec, dist):
-            rows.append([collapse_rate(row), collapse_slope(row)] + [np.nan] * (len(subsets) - 2))
+            rate = collapse_rate(row) if len(subsets) >= 3 else np.nan    # Eq. 3 needs K >= 2
+            rows.append([rate, collapse_slope(row)] + [np.nan] * (len(subsets) - 2))
         return np.asarray(rows, dtype=np.float64)
 
     table = paired_subsample_intervals(trajectories, arrays, subsample_size=subsample_size, generator=generator,

@@ -47,7 +47,7 @@ from chain.measure import Measurer, build_clip, build_encoder, measure
 from chain.runlock import RunLock, hold_run_folder
 from chain.sampling import image_seed, make_generator
 from qtmio.atomic import write_text_atomic
-from qtmio.contract import METRICS_FILE, REFERENCE_PHENOTYPE
+from qtmio.contract import DATA_KIND_ATTR, METRICS_FILE, REFERENCE_PHENOTYPE
 from qtmio.images import list_images
 from qtmio.netcdf import read_netcdf, write_netcdf
 from qtmio.provenance import provenance
@@ -525,6 +525,7 @@ def _new_metrics(config: ChainConfig, num_images: int, encoder) -> xr.Dataset:
         dataset=config.run.dataset_name or (f"toy-d0-seed{config.data.toy_seed}" if config.data.source == "toy"
                                             else Path(config.data.path).name),
         base_model=config.model.path,
+        **{DATA_KIND_ATTR: "chain"},   # the images of an iteration are the chain's population (qtm fit: drift)
         config=config_to_toml(config),
         feature_encoder=getattr(encoder, "name", type(encoder).__name__) if encoder is not None else "",
         clip_model=config.metrics.clip_model,

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 
 from fitting.errors import FitError, ModelError, ObservationError
-from fitting.forecast import Prediction, align, forecast_report, goodness_of_fit, predict
-from fitting.model import ModelSpec, Problem, build_problem
-from fitting.observations import Observations
+from fitting.forecast import Prediction, align, forecast_report, predict
+from fitting.model import ModelSpec, Problem, build_problem, zero_variance_cells
+from fitting.observations import Observations, cell_statistics
 from fitting.optimize import OptimizationResult, minimize_multistart
 from fitting.uncertainty import Uncertainty, bootstrap, laplace, posterior_draws, profile
 from qtm.params import PARAM_NAMES, require_x64
@@ -123,7 +123,8 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     k_start, k_unc, k_draw, k_noise = jax.random.split(key, 4)
 
     init = None
-    if config.spec.drift:
+    observation = problem.layout.observation
+    if observation.needs_pilot:
         # The drift likelihood has spurious stalls far from the optimum (huge drift explains anything at
         # the price of its log-determinant); the default model's optimum, close to the drift one, is
         # always among its starts.
@@ -154,14 +155,9 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     k_full = obs.max_iteration
     observed = align(obs, k_full)
     noise = np.asarray(jax.random.normal(k_noise, (draws.shape[0],) + observed["mean"].shape))
-    band_images = observed["num_images"]
-    if config.spec.drift:
-        # prediction band of an observed mean under drift: its marginal variance Sigma_kk (fitting.drift),
-        # passed as the equivalent number of images V_k / Sigma_kk
-        from fitting.drift import observed_mean_variance
-
-        var_mean, var_obs = observed_mean_variance(problem, u_hat, observed["num_images"])
-        band_images = var_obs / var_mean
+    # the sampling variance of an observed mean, as an equivalent number of images (n, or V_k / Sigma_kk
+    # under drift)
+    band_images = observation.band_images(problem, u_hat, observed)
     prediction = predict(problem, u_hat, draws, band_images, noise=noise)
 
     table = problem.natural(u_hat)
@@ -176,18 +172,16 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
             identified[row, _IDX[name]] = unc.identified[i]
 
     train_iterations = train.iterations
-    if config.spec.drift:
-        # same keys, drift-aware statistics (Mahalanobis forms under the joint normal of fitting.drift)
-        from fitting.drift import goodness_of_fit as drift_goodness_of_fit
-
-        gof = drift_goodness_of_fit(problem, u_hat, observed, train_iterations)
-    else:
-        gof = goodness_of_fit(observed, prediction, train_iterations, obs.conditions)
+    gof = observation.goodness_of_fit(problem, u_hat, observed, prediction, train_iterations, obs.conditions)
     forecast = None
     if config.train_iterations is not None:
         forecast = forecast_report(observed, prediction, config.train_iterations, obs.conditions)
 
     warnings = list(obs.notes) + list(unc.warnings)
+    flat = zero_variance_cells(cell_statistics(train), train.conditions)
+    if flat:
+        warnings.append(f"{len(flat)} cell(s) with zero variance (identical values) enter through their mean "
+                        f"only: {', '.join(flat[:5])}{' ...' if len(flat) > 5 else ''}")
     failed = [s for s in optimization.starts if s.status == "failed"]
     if failed:
         warnings.append(f"{len(failed)} of {len(optimization.starts)} starts failed ({failed[0].message})")

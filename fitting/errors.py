@@ -27,3 +27,12 @@ class FitError(FittingError, RuntimeError):
 class AssayError(FittingError, ValueError):
     """A dataset or setting the selection assay (fitting.assay) cannot use; the message names the file, the
     variable or the field, and the fix."""
+
+
+class ConstantDataError(ObservationError):
+    """Data with zero variance in every cell (all values of each iteration identical): the likelihood has no
+    finite optimum."""
+
+
+class UnderdeterminedError(ModelError):
+    """More free parameters than the data give statistics: the fit is not determined."""

@@ -46,7 +46,7 @@ import numpy as np
 import scipy.special
 from jax.scipy.special import gammaln
 
-from fitting.errors import ModelError
+from fitting.errors import ConstantDataError, ModelError, UnderdeterminedError
 from fitting.observations import CellStatistics, Observations, cell_statistics
 from qtm.params import PARAM_NAMES, TraitParams, require_x64
 
@@ -193,6 +193,13 @@ class Layout:
     def size(self) -> int:
         return len(self.free)
 
+    @property
+    def observation(self):
+        """The observation model (`fitting.observation_models`): independent draws or a chain."""
+        from fitting.observation_models import observation_model
+
+        return observation_model(self.drift, self.population)
+
     def slot(self, name: str, condition: int) -> int | None:
         for i, entry in enumerate(self.free):
             if entry == (name, condition) or entry == (name, -1):
@@ -305,6 +312,12 @@ def build_problem(obs: Observations, spec: ModelSpec, *, num_iterations: int | N
         raise ModelError(f"{{population}} {spec.population} is smaller than the {int(cells.num_images.max())} "
                          f"images of a cell of {obs.source}; give the number of images generated per "
                          "iteration (>= the number measured)", parameters=("population",))
+    multi = cells.num_images >= 2
+    if spec.objective == "likelihood" and multi.any() and not np.any(cells.var[multi] > 0):
+        raise ConstantDataError(f"{obs.source}: every cell has zero variance (all values of each iteration are "
+                                "identical), so the likelihood has no finite optimum; check the phenotype "
+                                "values, or fit the means with {objective} least-squares",
+                                parameters=("objective",))
     conditions = obs.conditions
     num_c = len(conditions)
     free_names = spec.free_names()
@@ -322,6 +335,12 @@ def build_problem(obs: Observations, spec: ModelSpec, *, num_iterations: int | N
     values.update(dict(spec.fixed))
     fixed = np.tile(np.array([values[n] for n in PARAM_NAMES], dtype=np.float64), (num_c, 1))
 
+    num_statistics = num_data_statistics(cells, spec.objective)
+    if len(free) > num_statistics:
+        what = "cell means" if spec.objective == "least-squares" else "cell means and non-zero cell variances"
+        raise UnderdeterminedError(f"{obs.source}: {len(free)} free parameters but only {num_statistics} "
+                                   f"observed statistics ({what}): the fit is not determined; fix some "
+                                   "parameters with {fixed} or add images", parameters=("fixed",))
     k = int(obs.max_iteration if num_iterations is None else num_iterations)
     layout = Layout(num_conditions=num_c, free=tuple(free), mutation_mode=spec.mutation_mode,
                     variance=spec.variance, objective=spec.objective, num_iterations=k,
@@ -329,6 +348,21 @@ def build_problem(obs: Observations, spec: ModelSpec, *, num_iterations: int | N
     return Problem(spec=spec, conditions=conditions, layout=layout, fixed=fixed,
                    scale=np.array([m_ref, s_ref]), data=data_arrays(cells),
                    num_observations=cells.num_observations, num_cells=len(cells.mean))
+
+
+def num_data_statistics(cells: CellStatistics, objective: str = "likelihood") -> int:
+    """How many scalar statistics the data give the fit: one mean per cell, plus (likelihood) one sample
+    variance per cell with n >= 2 and s^2 > 0 (a zero-variance cell's variance is not scored, `cell_nll`)."""
+    num = int(np.sum(cells.num_images >= 1))
+    if objective == "likelihood":
+        num += int(np.sum((cells.num_images >= 2) & (cells.var > 0)))
+    return num
+
+
+def zero_variance_cells(cells: CellStatistics, conditions: tuple[str, ...]) -> list[str]:
+    """'condition/iteration k' for every cell with n >= 2 and sample variance exactly 0."""
+    bad = np.flatnonzero((cells.num_images >= 2) & (cells.var == 0))
+    return [f"{conditions[int(cells.condition_index[i])]}/iteration {int(cells.iteration[i])}" for i in bad]
 
 
 # ---------------------------------------------------------------------------------------- transforms
@@ -437,9 +471,11 @@ def cell_nll(mu, var, n, xbar, s2, xp=jnp):
     lgamma = gammaln if xp is jnp else scipy.special.gammaln
     nll_mean = 0.5 * (xp.log(2.0 * xp.pi * var / n) + n * (xbar - mu) ** 2 / var)
     df = n - 1.0
-    has_var = df > 0
+    # a cell of identical values (s^2 = 0, n >= 2) has no variance statistic a continuous model can score:
+    # it keeps its mean term only (the fit warns about it, `zero_variance_cells`)
+    has_var = (df > 0) & (s2 > 0)
     df_safe = xp.where(has_var, df, 2.0)
-    s2_safe = xp.where(has_var & (s2 > 0), s2, 1.0)
+    s2_safe = xp.where(has_var, s2, 1.0)
     q = df_safe * s2_safe / var
     log_density = (xp.log(df_safe / var) + (0.5 * df_safe - 1.0) * xp.log(q) - 0.5 * q
                    - 0.5 * df_safe * xp.log(2.0) - lgamma(0.5 * df_safe))
@@ -458,15 +494,7 @@ def _objective_and_moments(u, fixed, scale, data, layout):
         value = 0.5 * jnp.sum(((data.mean - mu) / scale[1]) ** 2)
     else:
         terms = cell_nll(mu, v, data.num_images, data.mean, data.var)
-        if layout.drift:
-            # iteration 0 keeps its cell term; the later iterations are jointly normal (fitting.drift)
-            from fitting.drift import drift_nll
-
-            value = jnp.sum(jnp.where(data.iteration == 0, terms, 0.0)) + drift_nll(
-                table, data, num_iterations=layout.num_iterations, mutation_mode=layout.mutation_mode,
-                variance=layout.variance, population=layout.population)
-        else:
-            value = jnp.sum(terms)
+        value = layout.observation.nll(table, terms, data, layout)
     return jnp.where(jnp.isfinite(value), value, jnp.inf), (mean, var)
 
 

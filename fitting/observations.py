@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from fitting.errors import FittingError, ObservationError
-from qtmio.contract import PHENOTYPE, read_phenotypes, read_results, results_file
+from qtmio.contract import PHENOTYPE, data_kind, read_phenotypes, read_results, results_file
 from qtmio.errors import ContractError
 
 
@@ -48,6 +48,8 @@ class Observations:
         phenotypes: (C, I, N) per-image phenotypes (NaN = missing), or None for the summary-only form.
         source: where the data came from (for messages and provenance).
         notes: remarks made while reading (e.g. pooled iteration 0).
+        kind: "chain" (the images of an iteration are the chain's population, `data_kind`),
+            "independent" or "unknown".
     """
 
     conditions: tuple[str, ...]
@@ -58,6 +60,7 @@ class Observations:
     phenotypes: np.ndarray | None
     source: str = "<memory>"
     notes: tuple[str, ...] = ()
+    kind: str = "unknown"
 
     @property
     def num_conditions(self) -> int:
@@ -249,6 +252,7 @@ def observations_from_dataset(ds: Any, *, source: str = "<dataset>") -> Observat
         obs = from_summary(data.conditions, data.iterations, data.mean, data.std, data.num_images, ddof=data.ddof,
                            source=source)
     _check_content(obs, source)
+    obs = dataclasses.replace(obs, kind=data_kind(ds))
     return _note_iteration_zero(_drop_unfinished(obs))
 
 

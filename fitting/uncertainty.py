@@ -89,6 +89,23 @@ class Uncertainty:
     samples: np.ndarray | None = None   # (S, P) bootstrap replicates of u, when bootstrapped
 
 
+RHO_WARN = 0.95   # |correlation| of two parameters' estimates above which the fit names the pair
+MAX_PAIRS_NAMED = 6
+
+
+def strong_correlations(correlation: np.ndarray, labels, threshold: float = RHO_WARN,
+                        ) -> list[tuple[str, str, float]]:
+    """(label_i, label_j, rho_ij) for every pair i < j with |rho_ij| > threshold (NaN entries skipped),
+    strongest first."""
+    c = np.asarray(correlation, dtype=np.float64)
+    i, j = np.triu_indices(c.shape[0], k=1)
+    rho = c[i, j]
+    keep = np.isfinite(rho) & (np.abs(rho) > threshold)
+    order = np.argsort(-np.abs(rho[keep]), kind="stable")
+    return [(labels[a], labels[b], float(r)) for a, b, r in
+            zip(i[keep][order], j[keep][order], rho[keep][order])]
+
+
 def laplace(problem: Problem, u_hat: np.ndarray, nll_hat: float) -> Uncertainty:
     """Laplace intervals and identifiability diagnostics (module docstring)."""
     u_hat = np.asarray(u_hat, dtype=np.float64)
@@ -130,6 +147,14 @@ def laplace(problem: Problem, u_hat: np.ndarray, nll_hat: float) -> Uncertainty:
         identified &= ~loading
         warnings.append(f"near-singular curvature ({int(singular.sum())} direction(s), eigenvalue ratio "
                         f"{eigval.min() / top:.1e}): not identified together: {', '.join(involved)}")
+    pairs = strong_correlations(correlation, labels)
+    if len(pairs) > MAX_PAIRS_NAMED:
+        warnings.append(f"{len(pairs) - MAX_PAIRS_NAMED} more parameter pair(s) correlated beyond |rho| = "
+                        f"{RHO_WARN:g} besides the {MAX_PAIRS_NAMED} named below")
+    for a, b, rho in pairs[:MAX_PAIRS_NAMED]:
+        warnings.append(f"{a} and {b} are correlated at rho = {rho:+.3f} (|rho| > {RHO_WARN:g}): the data "
+                        "determine a combination of them far better than either alone (see the correlation "
+                        "matrix in fit.nc; fixing one of them pins the other)")
     data_scale = float(problem.scale[1])
     thresholds = np.array([flat_threshold(name, data_scale) for name, _ in problem.layout.free])
     for i in np.flatnonzero(report_sd > thresholds):

@@ -42,10 +42,10 @@ def provenance(*, seed: int | None = None, command: str | None = None, **extra: 
 
 
 def _heritability(params: TraitParams, var_genetic: np.ndarray) -> np.ndarray:
+    from qtm import mutation
+
     var_env, var_mut = float(params.sigma_env) ** 2, float(params.sigma_mut) ** 2
-    if params.mutation_mode == "paper":
-        return var_genetic / (var_genetic + var_env + var_mut)
-    return var_genetic / (var_genetic + var_env)
+    return np.asarray(mutation.heritability(var_genetic, var_genetic + var_env, var_mut, params.mutation_mode))
 
 
 def _attrs(params: TraitParams, model: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:

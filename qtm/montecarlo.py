@@ -37,7 +37,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
+from qtm import mutation
 from qtm.params import TraitParams, require_x64
+from qtm.selection import selection_window
 
 
 class PopulationTrajectory(NamedTuple):
@@ -158,8 +160,7 @@ def _iteration(mu, var_genetic, params: TraitParams, key, population: int, ddof:
     else:
         r1 = jnp.asarray(params.r1, jnp.float64)
         r2 = jnp.asarray(params.r2, jnp.float64)
-        a = jnp.where(r1 > 0, ndtri(jnp.where(r1 > 0, r1, 0.5)), -jnp.inf)
-        b = jnp.where(r2 > 0, -ndtri(jnp.where(r2 > 0, r2, 0.5)), jnp.inf)
+        a, b = selection_window(r1, r2)
         s = jnp.sqrt(jnp.mean(jnp.square(x - xbar)))
         w = _soft_weight((x - xbar) / s, a, b, jnp.asarray(params.tail_rate, jnp.float64))
         keep = jax.random.uniform(key_sel, (n,), jnp.float64) < w
@@ -170,14 +171,8 @@ def _iteration(mu, var_genetic, params: TraitParams, key, population: int, ddof:
     sum2 = jnp.sum(d * d)
     sel_mean = mu + sum1 / n_sel
     sel_var = (sum2 - sum1 * sum1 / n_sel) / (n_sel - ddof)
-    if params.mutation_mode == "paper":
-        heritability = var_genetic / (var_phenotype + var_mut)
-        next_var_genetic = sel_var
-    elif params.mutation_mode == "additive":
-        heritability = var_genetic / var_phenotype
-        next_var_genetic = sel_var + var_mut
-    else:
-        raise ValueError(f"mutation_mode must be 'paper' or 'additive'; got {params.mutation_mode!r}")
+    heritability = mutation.heritability(var_genetic, var_phenotype, var_mut, params.mutation_mode)
+    next_var_genetic = mutation.next_var_genetic(sel_var, var_mut, params.mutation_mode)
     next_mean = xbar + heritability * (sel_mean - xbar)
     individuals = None
     if want_individuals:

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qtm import mutation
 from qtm.params import TraitParams, require_x64
 from qtm.selection import selection_moments
 
@@ -56,12 +57,6 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
-def _safe_ratio(var_genetic: jax.Array, denominator: jax.Array) -> jax.Array:
-    """V_G / denominator, and 1 (its limit when V_E = V_M = 0) where the denominator is 0."""
-    positive = denominator > 0
-    return jnp.where(positive, var_genetic / jnp.where(positive, denominator, 1.0), 1.0)
-
-
 def initial_state(params: TraitParams) -> TraitState:
     """Iteration 0: mu_0 and V_G,0 = sigma_g0**2."""
     mean = jnp.asarray(params.mu0, jnp.float64)
@@ -83,14 +78,8 @@ def step(state: TraitState, params: TraitParams, moments: tuple[jax.Array, jax.A
     var_mut = jnp.square(jnp.asarray(params.sigma_mut, jnp.float64))
     var_phenotype = state.var_genetic + var_env
     differential = _safe_sqrt(var_phenotype) * m_sel
-    if params.mutation_mode == "paper":
-        heritability = _safe_ratio(state.var_genetic, var_phenotype + var_mut)
-        next_var_genetic = var_phenotype * v_sel
-    elif params.mutation_mode == "additive":
-        heritability = _safe_ratio(state.var_genetic, var_phenotype)
-        next_var_genetic = var_phenotype * v_sel + var_mut
-    else:
-        raise ValueError(f"mutation_mode must be 'paper' or 'additive'; got {params.mutation_mode!r}")
+    heritability = mutation.heritability(state.var_genetic, var_phenotype, var_mut, params.mutation_mode)
+    next_var_genetic = mutation.next_var_genetic(var_phenotype * v_sel, var_mut, params.mutation_mode)
     response = heritability * differential
     record = Trajectory(state.mean, state.var_genetic, var_phenotype, heritability, differential, response)
     return TraitState(state.mean + response, next_var_genetic), record
@@ -148,14 +137,11 @@ def asymptotes(params: TraitParams) -> dict[str, float | str] | None:
     if not v_sel < 1.0:
         return None
     var_env, var_mut = float(params.sigma_env) ** 2, float(params.sigma_mut) ** 2
-    if params.mutation_mode == "paper":
-        var_genetic = var_env * v_sel / (1.0 - v_sel)
-        var_phenotype = var_genetic + var_env
-        heritability = var_genetic / (var_phenotype + var_mut) if var_phenotype + var_mut > 0 else 1.0
-    else:
-        var_genetic = (var_env * v_sel + var_mut) / (1.0 - v_sel)
-        var_phenotype = var_genetic + var_env
-        heritability = var_genetic / var_phenotype if var_phenotype > 0 else 1.0
+    # fixed point of V_G* = next_var_genetic((V_G* + V_E) v_sel, V_M), linear in V_G*
+    intercept = float(mutation.next_var_genetic(var_env * v_sel, var_mut, params.mutation_mode))
+    var_genetic = intercept / (1.0 - v_sel)
+    var_phenotype = var_genetic + var_env
+    heritability = float(mutation.heritability(var_genetic, var_phenotype, var_mut, params.mutation_mode))
     hard = float(params.tail_rate) == float("inf")
     kind = "Theorem 1" if hard and var_mut == 0.0 else "fixed point of the recursion"
     return {

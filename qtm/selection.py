@@ -39,6 +39,38 @@ def _phi(z: jax.Array) -> jax.Array:
     return jnp.exp(-0.5 * z * z - _LOG_SQRT_2PI)
 
 
+def normal_pdf(z: jax.Array) -> jax.Array:
+    """phi(z), the standard normal density (0 at z = +-inf)."""
+    return _phi(z)
+
+
+def selection_window(r1, r2) -> tuple[jax.Array, jax.Array]:
+    """The edges (a, b) of the selection window in standardized units (MODEL.md section 2), float64:
+
+        a = Phi^-1(r1)   (-inf when r1 = 0),      b = Phi^-1(1 - r2) = -Phi^-1(r2)   (+inf when r2 = 0).
+
+    b is computed as -ndtri(r2), not ndtri(1 - r2), which loses digits at tiny r2. Every caller (the
+    recursion's moments, the Monte Carlo's soft weights, the finite-population covariance) takes the edges
+    from here. Broadcasts; under grad the derivative is finite and the untaken branch is evaluated at a
+    harmless 0.5 ("double where")."""
+    require_x64()
+    r1 = jnp.asarray(r1, jnp.float64)
+    r2 = jnp.asarray(r2, jnp.float64)
+    a = jnp.where(r1 > 0.0, ndtri(jnp.where(r1 > 0.0, r1, 0.5)), -jnp.inf)
+    b = jnp.where(r2 > 0.0, -ndtri(jnp.where(r2 > 0.0, r2, 0.5)), jnp.inf)
+    return a, b
+
+
+def finite_edges(r1, r2) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(a, b, phi(a), phi(b)) of `selection_window` with an infinite edge replaced by the placeholder 0 and
+    its density by 0, so that products such as a phi(a) (which vanish at an infinite edge) stay finite."""
+    a, b = selection_window(r1, r2)
+    has_left, has_right = jnp.isfinite(a), jnp.isfinite(b)
+    a = jnp.where(has_left, a, 0.0)
+    b = jnp.where(has_right, b, 0.0)
+    return a, b, jnp.where(has_left, _phi(a), 0.0), jnp.where(has_right, _phi(b), 0.0)
+
+
 def _mills_and_g(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mills ratio R(x) = (1 - Phi(x)) / phi(x) and g(x) = x R(x) - 1, accurate for every real x.
 
@@ -94,12 +126,7 @@ def selection_moments(r1, r2, tail_rate) -> tuple[jax.Array, jax.Array]:
     require_x64()
     r1, r2, lam = jnp.broadcast_arrays(jnp.asarray(r1, jnp.float64), jnp.asarray(r2, jnp.float64),
                                        jnp.asarray(tail_rate, jnp.float64))
-    has_left = r1 > 0.0
-    has_right = r2 > 0.0
-    a = jnp.where(has_left, ndtri(jnp.where(has_left, r1, 0.5)), 0.0)   # 0 is a placeholder when a = -inf
-    b = jnp.where(has_right, -ndtri(jnp.where(has_right, r2, 0.5)), 0.0)  # 0 is a placeholder when b = +inf
-    phi_a = jnp.where(has_left, _phi(a), 0.0)
-    phi_b = jnp.where(has_right, _phi(b), 0.0)
+    a, b, phi_a, phi_b = finite_edges(r1, r2)   # an infinite edge is the placeholder 0 with phi = 0
     z = 1.0 - r1 - r2
     # Window [a, b]: raw moments of the standard normal (a phi(a) = 0 when a = -inf).
     m0 = z

@@ -5,6 +5,9 @@ A run folder holds `metrics.nc` (METRICS_FILE): one dataset with
 - the coordinates `condition` (unique names) and `iteration` (non-negative integers; 0 = the original
   images D_0, k = the images of M_k),
 - the attribute `schema_version` = SCHEMA_VERSION,
+- optionally the attribute `data_kind` (DATA_KIND_ATTR): "chain" when the images of an iteration are a
+  chain's population (each trained on the previous one; `qtm chain run` writes it), "independent" when each
+  cell holds independent draws from a model; `data_kind(ds)` reads it,
 - either the per-image phenotype `hf_power` (condition, iteration, image; a power fraction >= 0, NaN = not
   produced), or the summary trio `hf_power_mean`, `hf_power_std`, `num_images` (condition, iteration;
   `hf_power_std` is the sample sd, ddof 1, unless the variable carries the attribute ddof = 0).
@@ -45,6 +48,25 @@ CONDITION_VARIABLES = ("cfg_scale", "cfg_schedule", "condition_drop")
 """Per condition (written by the chain, not required): the CFG scale, the schedule's name, the condition drop."""
 METRIC_NAMES = ("fd_dinov2", "recall", "sfd", "clip_score")
 """Per (condition, iteration) (written by the chain, NaN when not configured): feature metrics against D_0."""
+DATA_KIND_ATTR = "data_kind"
+"""Attribute saying what the images of a cell are: one of DATA_KINDS[:2]."""
+DATA_KINDS = ("chain", "independent", "unknown")
+
+
+def data_kind(ds: Any) -> str:
+    """Whether a results dataset holds a chain's images (each iteration trained on the previous one) or
+    independent draws.
+
+    Rule, in order: the attribute `data_kind` ("chain" or "independent") when present (`qtm chain run`
+    writes "chain"); else "chain" when the dataset has the layout only `qtm chain run` writes (the
+    per-cell variable `completed` and the attribute `base_model`, as in run folders written before the
+    attribute existed); else "unknown"."""
+    kind = str(ds.attrs.get(DATA_KIND_ATTR, "")).strip().lower()
+    if kind in DATA_KINDS[:2]:
+        return kind
+    if "completed" in ds.data_vars and "base_model" in ds.attrs:
+        return "chain"
+    return "unknown"
 
 
 @dataclasses.dataclass(frozen=True)

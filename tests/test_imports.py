@@ -4,6 +4,7 @@
     qtm (the rest), chain, fitting   the libraries: never the shell
     qtmio                        the leaf: imports none of the project's packages, nor torch or JAX
 
+verification/ (the coverage studies, not installed) may import the libraries; no library imports it.
 chain imports nothing from qtm or fitting; fitting nothing from chain; qtm's library part nothing from chain
 or fitting. qtm's library part and fitting never import torch at module level (`qtm simulate` and `qtm fit`
 start without it), and qtmio never imports torch or JAX at all.
@@ -71,6 +72,8 @@ def test_libraries_follow_the_layers(path):
     for module, top in _imports(path):
         if _is_shell(module):
             problems.append(f"imports the shell ({module})")
+        if _under(module, "verification"):
+            problems.append(f"imports the verification tier ({module}), which is not installed")
         if _under(name, "chain") and _under(module, "qtm", "fitting"):
             problems.append(f"chain imports {module}")
         if _under(name, "fitting") and _under(module, "chain"):
@@ -107,5 +110,17 @@ def test_packages_resolve_to_the_repository_not_to_tests():
 
     for module in (qtm, chain, fitting, qtmio):
         assert Path(module.__file__).resolve().parent == ROOT / module.__name__
-    for folder in ("", "qtm", "chain", "chain/toy", "fitting", "commands", "qtmio", "benchmarks"):
+    for folder in ("", "qtm", "chain", "chain/toy", "fitting", "commands", "qtmio", "benchmarks", "verification"):
         assert (ROOT / "tests" / folder / "__init__.py").is_file()
+
+
+def test_verification_is_not_installed_and_uses_no_shell():
+    """verification/ is a top-level folder run from a checkout (`python -m verification`): pyproject's
+    package list leaves it out, and it reaches the fit through the libraries, not through the shell."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert not any(pattern.startswith("verification") for pattern in include)
+    for path in _files("verification"):
+        shell = [module for module, _ in _imports(path) if _is_shell(module)]
+        assert not shell, f"{path.relative_to(ROOT)} imports the shell: {shell}"

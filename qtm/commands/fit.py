@@ -69,9 +69,12 @@ def fit(
     = "likelihood",
     variance: Annotated[str, typer.Option(
         "--variance", help="Observed variance is V_G (genetic, the paper's) or V_P (phenotype).")] = "genetic",
-    drift: Annotated[bool, typer.Option(
+    drift: Annotated[bool | None, typer.Option(
         "--drift/--no-drift", help="Model the chain's own finite-population drift (hard selection; the "
-                                   "per-iteration means and variances become correlated).")] = False,
+                                   "per-iteration means and variances become correlated). Default: on for "
+                                   "a run folder written by `qtm chain run` (its metrics.nc says it is a "
+                                   "chain) with --model hard and --objective likelihood, off otherwise.",
+        show_default=False)] = None,
     population: Annotated[int | None, typer.Option(
         "--population", help="Images generated per iteration when only a subset was measured (with "
                              "--drift; default: all generated images were measured).")] = None,
@@ -88,6 +91,7 @@ def fit(
 ) -> None:
     """Fit qtm's recursion to per-iteration phenotypes: per-condition r1, r2 (and tail_rate, sigma_mut),
     shared mu0, sigma_g0, sigma_env, with 95 % intervals, goodness of fit and an optional forecast."""
+    import dataclasses
     import sys
 
     import jax
@@ -96,6 +100,14 @@ def fit(
     from fitting.model import DEFAULT_SHARED, ModelSpec
     from fitting.observations import load_observations
 
+    with reported(FLAGS):
+        obs = load_observations(path)
+    if drift is None:
+        drift = obs.kind == "chain" and model == "hard" and objective == "likelihood"
+        if drift:
+            obs = dataclasses.replace(obs, notes=obs.notes + (
+                f"{obs.source} holds a chain (written by `qtm chain run`): fitted with the chain's own drift "
+                "(--drift); --no-drift treats the images as independent draws",))
     spec = ModelSpec(selection=model, mutation=mutation, variance=variance, objective=objective,
                      free=_names(free), fixed=_fixes(fix),
                      shared=_names(share) or DEFAULT_SHARED, drift=drift, population=population)
@@ -107,7 +119,6 @@ def fit(
     check_output("--plot", plot, suffixes=PLOT_SUFFIXES)
 
     with reported(FLAGS), progress_bars(lines="qtm fit") as bars:
-        obs = load_observations(path)
         result = fit_observations(obs, config, key=jax.random.key(seed), progress=bars)
         comparison = None
         if compare:

@@ -131,12 +131,18 @@ def test_collapse_rate_and_slope():
     assert collapse_slope(2.0 + 3.0 * t) == pytest.approx(3.0)
     rng = np.random.default_rng(5)
     y = rng.standard_normal(6)
-    assert collapse_rate(y) == pytest.approx((y[-1] - y[0]) / 5)
+    assert collapse_rate(y) == pytest.approx((y[-1] - y[1]) / 4)     # Eq. 3: (FID_K - FID_1) / (K - 1)
+    # hand-computed: FID 0, 10, 12, 15, 19, 24, 30 over iterations 0..6 -> (30 - 10) / 5 = 4
+    assert collapse_rate([0.0, 10.0, 12.0, 15.0, 19.0, 24.0, 30.0]) == 4.0
     assert collapse_slope(y) == pytest.approx(np.polyfit(t, y, 1)[0])
     iterations = np.array([0, 1, 2, 4, 8])
     z = rng.standard_normal(5)
     assert collapse_slope(z, iterations) == pytest.approx(np.polyfit(iterations, z, 1)[0])
-    assert collapse_rate(z, iterations) == pytest.approx((z[-1] - z[0]) / 8)
+    assert collapse_rate(z, iterations) == pytest.approx((z[-1] - z[1]) / 7)
+    with pytest.raises(ValueError, match="iteration 1"):
+        collapse_rate([1.0, 2.0, 3.0], [0, 2, 3])
+    with pytest.raises(ValueError, match="K >= 2"):
+        collapse_rate([0.0, 2.0])
     with pytest.raises(ValueError, match="NaN"):
         collapse_rate([0.0, np.nan, 1.0])
     with pytest.raises(ValueError, match="two iterations"):
@@ -315,3 +321,4 @@ def test_metric_trajectory_intervals_against_direct_metrics():
     small = metric_trajectory_intervals([f0[:10], f0[:10] + 1.0], subsample_size=8,
                                         generator=np.random.default_rng(0), num_subsamples=2)
     assert small["recall_floor"] is None and small["fd_floor"] is not None
+    assert np.isnan(small["fd_collapse_rate"].estimate)     # Eq. 3 needs an iteration 2

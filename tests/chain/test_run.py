@@ -55,6 +55,7 @@ def test_end_to_end_contract(uninterrupted):
     assert list(ds.condition.values) == ["cfg7.5", "redifine"]
     assert list(ds.iteration.values) == [0, 1, 2]
     assert ds.attrs["schema_version"] == 1
+    assert ds.attrs["data_kind"] == "chain"           # qtm fit reads it: --drift by default on this folder
     for key in ("phenotype", "dataset", "base_model", "git_revision", "created_at", "version_torch"):
         assert key in ds.attrs
     assert np.all(np.isfinite(ds.hf_power.values)) and np.all(ds.completed.values == 1)

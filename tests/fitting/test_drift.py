@@ -23,7 +23,7 @@ import scipy.stats
 from typer.testing import CliRunner
 
 from tests.fitting.testdata import TRUTH_CONDITIONS, TRUTH_SHARED, montecarlo_phenotypes, recursion_phenotypes, results_dataset
-from fitting.drift import noise_covariance, residual_covariance
+from qtm.finite_population import noise_covariance, residual_covariance
 from fitting.model import ModelError, ModelSpec, build_problem, cell_nll
 from fitting.observations import from_phenotypes
 from qtm.params import PARAM_NAMES, TraitParams
@@ -177,7 +177,9 @@ def run_dir(tmp_path_factory):
                               seed=5)
     root = tmp_path_factory.mktemp("results") / "chain"
     root.mkdir()
-    results_dataset(x, TRUTH_CONDITIONS).to_netcdf(root / "metrics.nc", engine="h5netcdf")
+    ds = results_dataset(x, TRUTH_CONDITIONS)
+    ds.attrs["data_kind"] = "chain"                  # as `qtm chain run` writes it
+    ds.to_netcdf(root / "metrics.nc", engine="h5netcdf")
     return root
 
 
@@ -185,10 +187,12 @@ def test_cli_drift_flags(run_dir, tmp_path):
     from qtm.cli import app
 
     out = tmp_path / "fit.nc"
-    result = runner.invoke(app, ["fit", str(run_dir), "--drift", "--json", "--starts", "2", "--out", str(out)])
+    # no flag: the folder says it is a chain, so the drift model is the default
+    result = runner.invoke(app, ["fit", str(run_dir), "--json", "--starts", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     diag = json.loads(result.stdout)["diagnostics"]
     assert diag["drift"] is True and diag["population"] is None
+    assert any("holds a chain" in w for w in diag["warnings"]), diag["warnings"]
     # goodness of fit under the drift model's joint normal: a chain drawn from the model is not rejected
     for row in diag["goodness_of_fit"].values():
         assert row["num_iterations"] == 4 and row["mean_chi2_pvalue"] > 0.001
@@ -207,6 +211,21 @@ def test_cli_drift_flags(run_dir, tmp_path):
     assert bad.exit_code == 2 and "--population 100 is smaller" in bad.output
     soft = runner.invoke(app, ["fit", str(run_dir), "--drift", "--model", "soft"])
     assert soft.exit_code == 2 and "--drift supports --model hard" in soft.output
+
+
+def test_data_kind_rule():
+    """A chain is recognized by the data_kind attribute, or by the layout only `qtm chain run` writes."""
+    import xarray as xr
+
+    from fitting.observations import data_kind
+
+    base = xr.Dataset({"hf_power": (("condition", "iteration", "image"), np.zeros((1, 2, 3)))})
+    assert data_kind(base) == "unknown"
+    assert data_kind(base.assign_attrs(data_kind="chain")) == "chain"
+    assert data_kind(base.assign_attrs(data_kind="independent", base_model="x")) == "independent"
+    older = base.assign(completed=(("condition", "iteration"), np.ones((1, 2), np.int8)))
+    assert data_kind(older) == "unknown"
+    assert data_kind(older.assign_attrs(base_model="tiny-sd")) == "chain"
 
 
 def coverage(num_seeds: int, *, drift: bool, population: int = 1000, num_images: int = 1000,

@@ -180,3 +180,51 @@ def test_default_free_set_follows_the_model():
     assert prob.layout.free[:3] == (("mu0", -1), ("sigma_g0", -1), ("sigma_env", -1))
     prob = build_problem(_obs(), ModelSpec(shared=("mu0",)))
     assert ("sigma_env", 0) in prob.layout.free and ("sigma_env", 1) in prob.layout.free
+
+
+def test_zero_variance_cell_keeps_its_mean_term_only():
+    """A cell of identical values (s^2 = 0, n >= 2) is scored by its mean alone: -log N(xbar; mu, V / n)
+    (scipy), whatever V is; before, s^2 was replaced by 1 and the chi-square term rewarded a large V."""
+    mu, n, xbar = 0.3, 40.0, 0.31
+    for var in (1e-4, 0.0025, 1.0):
+        expected = -scipy.stats.norm.logpdf(xbar, mu, math.sqrt(var / n))
+        assert float(cell_nll(mu, var, n, xbar, 0.0)) == pytest.approx(expected, rel=1e-12)
+        assert float(cell_nll(mu, var, n, xbar, 0.0, xp=np)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_constant_data_is_refused():
+    from fitting.errors import ConstantDataError
+
+    x = np.full((2, 4, 30), 0.25)
+    with pytest.raises(ConstantDataError, match="zero variance") as info:
+        build_problem(from_phenotypes(["a", "b"], np.arange(4), x), ModelSpec())
+    assert info.value.parameters == ("objective",)
+    assert "--objective least-squares" in info.value.message({"objective": "--objective"})
+
+
+def test_more_free_parameters_than_statistics_is_refused():
+    """Two conditions, iterations 0..2, one image per cell: 1 pooled iteration-0 mean + 2 x 2 later means
+    = 5 statistics (no variances with n = 1) against 7 free parameters (r1, r2 per condition; mu0,
+    sigma_g0, sigma_env)."""
+    from fitting.model import num_data_statistics
+    from fitting.observations import cell_statistics
+
+    x = np.random.default_rng(3).normal(0.3, 0.05, (2, 3, 1))
+    x[1, 0] = x[0, 0]                                   # iteration 0 is the same image in both conditions
+    obs = from_phenotypes(["a", "b"], np.arange(3), x)
+    assert num_data_statistics(cell_statistics(obs)) == 5
+    from fitting.errors import UnderdeterminedError
+
+    with pytest.raises(UnderdeterminedError, match="7 free parameters but only 5 observed statistics") as info:
+        build_problem(obs, ModelSpec())
+    assert info.value.parameters == ("fixed",)
+    build_problem(obs, ModelSpec(fixed=(("r1", 0.1),)))   # 5 free parameters (r2 x 2, shared 3): allowed
+
+
+def test_strong_correlations_are_named():
+    from fitting.uncertainty import strong_correlations
+
+    corr = np.array([[1.0, 0.96, 0.2], [0.96, 1.0, -0.97], [0.2, -0.97, 1.0]])
+    assert strong_correlations(corr, ("r1", "r2", "sigma_env")) == [("r2", "sigma_env", -0.97),
+                                                                     ("r1", "r2", 0.96)]
+    assert strong_correlations(np.array([[1.0, np.nan], [np.nan, 1.0]]), ("a", "b")) == []

@@ -106,13 +106,13 @@ SMALL_SHARED = {"mu0": 0.03, "sigma_g0": 0.005, "sigma_env": 0.005}
 SMALL_CONDITION = {"up": (0.8, 0.05)}
 
 
-def _mu0_fit(num_images: int, iterations: list[int], seed: int):
+def _mu0_fit(num_images: int, iterations: list[int], seed: int, conditions=SMALL_CONDITION):
     from tests.fitting.testdata import recursion_phenotypes
     from fitting.observations import from_phenotypes
 
-    x = recursion_phenotypes(SMALL_CONDITION, SMALL_SHARED, num_iterations=max(iterations),
+    x = recursion_phenotypes(conditions, SMALL_SHARED, num_iterations=max(iterations),
                              num_images=num_images, seed=seed)[:, iterations]
-    obs = from_phenotypes(list(SMALL_CONDITION), np.array(iterations), x)
+    obs = from_phenotypes(list(conditions), np.array(iterations), x)
     result = fit_observations(obs, FitConfig(num_starts=2, num_draws=16), key=jax.random.key(0))
     # the data's own scale, from the definition: sample sd (ddof 1) of the earliest observed iteration
     data_sd = float(np.std(x[0, 0], ddof=1))
@@ -120,15 +120,17 @@ def _mu0_fit(num_images: int, iterations: list[int], seed: int):
 
 
 def test_poorly_determined_mu0_is_flagged_against_the_data_scale():
-    # No iteration 0 and 5 images at iterations 1-2 only: mu0 is inferred through the recursion, traded
+    # No iteration 0 and 5 images at iterations 1-2 only, two conditions (8 statistics for 7 parameters;
+    # one condition, 4 statistics for 5 parameters, is refused): mu0 is inferred through the recursion, traded
     # off against r1, r2, sigma_g0 and sigma_env. Its 95 % interval spans about +-0.08 around 0.03, dozens
     # of times the data's own sd (~7e-4), yet its sd stays far below the fixed 2 of the log/logit scales.
-    result, data_sd = _mu0_fit(5, [1, 2], seed=1)
+    result, data_sd = _mu0_fit(5, [1, 2], seed=1, conditions={"up": (0.8, 0.05), "down": (0.3, 0.6)})
     i = IDX["mu0"]
     half_width = (result.upper[0, i] - result.lower[0, i]) / 2
     sd = half_width / 1.959963984540054            # identity report scale: interval = mu0 +- 1.96 sd
     assert sd > 10 * data_sd and sd < 2.0          # absurd on the data scale, invisible to a fixed 2
     assert not result.identified[0, i]
+    assert any("correlated at rho" in w for w in result.warnings), result.warnings
     assert any(w.startswith("mu0 is not identified") and "data's own sd" in w for w in result.warnings), \
         result.warnings
 

@@ -210,3 +210,17 @@ def test_validate_names_the_field():
                        (dict(mutation_mode="both"), "mutation_mode"), (dict(mu0=math.nan), "mu0")]:
         with pytest.raises(ValueError, match=field):
             TraitParams(**bad).validate()
+
+
+def test_mutation_law_by_hand():
+    """The two mutation modes (MODEL.md section 3) on hand-computed numbers: V_G = 0.04, V_P = 0.05,
+    V_M = 0.01, V_sel = 0.03."""
+    from qtm import mutation
+
+    assert float(mutation.heritability(0.04, 0.05, 0.01, "paper")) == pytest.approx(0.04 / 0.06, rel=1e-15)
+    assert float(mutation.heritability(0.04, 0.05, 0.01, "additive")) == pytest.approx(0.8, rel=1e-15)
+    assert float(mutation.next_var_genetic(0.03, 0.01, "paper")) == pytest.approx(0.03, rel=1e-15)
+    assert float(mutation.next_var_genetic(0.03, 0.01, "additive")) == pytest.approx(0.04, rel=1e-15)
+    assert float(mutation.heritability(0.0, 0.0, 0.0, "paper")) == 1.0      # V_E = V_M = 0 limit
+    with pytest.raises(ValueError, match="mutation_mode"):
+        mutation.heritability(0.04, 0.05, 0.0, "other")

@@ -202,3 +202,20 @@ def test_requires_float64():
             selection_moments(0.1, 0.1, math.inf)
     finally:
         jax.config.update("jax_enable_x64", True)
+
+
+def test_selection_window_edges_against_scipy():
+    """a = Phi^-1(r1), b = Phi^-1(1 - r2) (MODEL.md section 2) against scipy, with the infinite edges."""
+    import scipy.stats
+
+    from qtm.selection import finite_edges, selection_window
+
+    r1 = np.array([0.0, 0.025, 0.5, 0.95, 1e-12])
+    r2 = np.array([0.3, 0.0, 0.09, 0.0002, 1e-12])
+    a, b = (np.asarray(x) for x in selection_window(r1, r2))
+    assert a[0] == -np.inf and b[1] == np.inf
+    np.testing.assert_allclose(a[1:], scipy.stats.norm.ppf(r1[1:]), rtol=1e-13)
+    np.testing.assert_allclose(b[[0, 2, 3, 4]], scipy.stats.norm.isf(r2[[0, 2, 3, 4]]), rtol=1e-13)
+    fa, fb, pa, pb = (np.asarray(x) for x in finite_edges(r1, r2))
+    assert fa[0] == 0.0 and pa[0] == 0.0 and fb[1] == 0.0 and pb[1] == 0.0
+    np.testing.assert_allclose(pa[1:], scipy.stats.norm.pdf(a[1:]), rtol=1e-13)

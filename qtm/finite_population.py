@@ -1,0 +1,151 @@
+"""Finite-population covariance of a chain: the first-order law of its random drift (MODEL.md section 5).
+
+This is the analytic counterpart of `qtm.montecarlo` (tests/test_fit_drift.py checks it against the
+Monte Carlo's replicates); `fitting.drift` turns it into a likelihood.
+
+The default likelihood (`fitting.model`) treats the recursion as the realized trajectory and the measured
+images of iteration k as independent draws around it. In a chain the N images of an iteration ARE the
+population: the next iteration's mean and variance are set by the finite selected sample, so the realized
+state (mu_k, V_k) (V = V_G) wanders around the recursion (random genetic drift) and the per-iteration
+statistics are correlated across iterations. This module propagates that wandering to first order
+(a linear-Gaussian / delta-method state-space model) and gives the joint normal law of the observed
+per-iteration means and variances.
+
+Noise of one iteration (hard truncation). Given the realized state (mu, V), V_P = V + V_E, s = sqrt(V_P),
+the N individuals are x_i = mu + s z_i, z_i ~ N(0, 1), and the measured values (n of the N) are the genetic
+values g_i = mu + sqrt(V) u_i with u_i = sqrt(rho) z_i + sqrt(1 - rho) w_i, w_i ~ N(0, 1) independent,
+rho = V / V_P (`variance="phenotype"` observes x itself: u = z, rho = 1). With a = Phi^-1(r1),
+b = Phi^-1(1 - r2), Z = 1 - r1 - r2, (m, v) = (m_sel, v_sel) of Eq. 7-8 and W = clamp(z, a, b), every
+statistic is, to first order in 1/N, a mean of an influence function (the empirical r1 and 1 - r2 quantiles
+move with the sample, which is what the clamp accounts for):
+
+    xbar            = mu + s A,            A = mean_N z
+    mean(selected)  = mu + s (m + B),      B = mean_N (W - E W) / Z
+    var(selected)   = V_P (v + C),         C = mean_N ((W - m)^2 - E (W - m)^2) / Z       (ML variance)
+    mean(measured)  = mu + sqrt(V_obs) D,  D = mean_n u
+    s^2(measured)   = V_obs (1 + E),       E = mean_n (u^2 - 1)   (Var E = 2 / (n - 1) exactly)
+
+so xi = (A, B, C, D, E) has covariance Q with Cov(f, g) = E[f g] / N for a pair involving a population
+statistic (the n measured are among the N) and E[f g] / n for D, E. The needed E[W^k z^j] are closed
+forms: E[W^k z^j] = M_{k+j}(a, b) + a^k T^-_j(a) + b^k T^+_j(b) with the partial normal moments
+M_k(a, b) = int_a^b z^k phi = (k - 1) M_{k-2} + a^{k-1} phi(a) - b^{k-1} phi(b) (M_0 = Z, M_1 = phi(a) - phi(b)),
+T^-_0 = r1, T^-_1 = -phi(a), T^-_2 = r1 - a phi(a), T^+_0 = r2, T^+_1 = phi(b), T^+_2 = r2 + b phi(b).
+(Q_AB = 1 / N since E[z W] = Z.)
+
+Propagation. The chain's next state (qtm.montecarlo, MODEL.md section 5) is
+mu' = xbar + h2 (mean(selected) - xbar), V' = var(selected) [+ V_M], i.e.
+
+    mu_{k+1} = f_mu(mu_k, V_k) + s (1 - h2) A_k + h2 s B_k,      V_{k+1} = f_V(mu_k, V_k) + V_P C_k,
+
+with f the recursion step (qtm.recursion.step). Linearized around the recursion's trajectory, the deviation
+delta_k = (mu_k, V_k) - trajectory_k obeys delta_0 = 0 (iteration 0's distribution is the parameters) and
+
+    delta_{k+1} = J_k delta_k + G_k xi_k,    J_k = d step / d state (jax.jacfwd), G_k = [[s(1-h2), h2 s, 0, 0, 0],
+                                                                                     [0, 0, V_P, 0, 0]],
+
+and the observed residuals e_k = (xbar_k - mu_k, s^2_k - V_obs,k) = delta_k + L_k xi_k, L_k = [[0, 0, 0,
+sqrt(V_obs), 0], [0, 0, 0, 0, V_obs]], all evaluated on the recursion's trajectory. Unrolled, e = M xi with M
+block lower-triangular, so
+
+    Sigma = Cov(e) = sum_j M_{., j} Q_j M_{., j}^T      (2(K+1) x 2(K+1); not diagonal: the drift is a
+                                                          random walk and e_k shares xi_k with delta_{k+1}).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qtm.params import PARAM_NAMES, TraitParams
+from qtm.recursion import TraitState, step, trajectory
+from qtm.selection import finite_edges, selection_moments
+
+
+def clamp_expectations(r1, r2):
+    """E[W^k z^j] for k = 0..4, j = 0..2 (array (5, 3)) with W = clamp(z, a, b), z ~ N(0, 1) (module
+    docstring), and (a, b, Z). Finite at r1 = 0 or r2 = 0 (a = -inf, b = +inf: the tail terms vanish)."""
+    r1 = jnp.asarray(r1, jnp.float64)
+    r2 = jnp.asarray(r2, jnp.float64)
+    a, b, phi_a, phi_b = finite_edges(r1, r2)     # an infinite edge: placeholder 0 with phi = 0
+    z = 1.0 - r1 - r2
+    m = [z, phi_a - phi_b]
+    for k in range(2, 7):
+        m.append((k - 1) * m[k - 2] + a ** (k - 1) * phi_a - b ** (k - 1) * phi_b)
+    t_lo = [r1, -phi_a, r1 - a * phi_a]
+    t_hi = [r2, phi_b, r2 + b * phi_b]
+    table = jnp.stack([jnp.stack([m[k + j] + a ** k * t_lo[j] + b ** k * t_hi[j] for j in range(3)])
+                       for k in range(5)])
+    return table, a, b, z
+
+
+def noise_covariance(r1, r2, rho, population, num_images):
+    """Covariance Q (5, 5) of xi = (A, B, C, D, E) of one iteration (module docstring).
+
+    rho: V_G / V_P (genetic values observed) or 1 (phenotypes observed); population N; num_images n >= 2."""
+    e, _, _, z = clamp_expectations(r1, r2)
+    m, _ = selection_moments(r1, r2, jnp.inf)
+    ew = e[1, 0]
+    ep = e[2, 0] - 2 * m * e[1, 0] + m * m                           # E (W - m)^2
+    var_w = e[2, 0] - ew * ew
+    cov_wp = e[3, 0] - 2 * m * e[2, 0] + m * m * e[1, 0] - ew * ep
+    ep2 = e[4, 0] - 4 * m * e[3, 0] + 6 * m * m * e[2, 0] - 4 * m ** 3 * e[1, 0] + m ** 4
+    var_p = ep2 - ep * ep
+    ez_w = e[1, 1]                                                   # = Z
+    ez_p = e[2, 1] - 2 * m * e[1, 1]
+    cov_z2_w = e[1, 2] - ew
+    cov_z2_p = e[2, 2] - 2 * m * e[1, 2] + m * m - ep
+    sr = jnp.sqrt(rho)
+    big, small = 1.0 / population, 1.0 / num_images
+    aa, ab, ac = big, ez_w / z * big, ez_p / z * big
+    bb, bc, cc = var_w / z ** 2 * big, cov_wp / z ** 2 * big, var_p / z ** 2 * big
+    da, db, dc, dd = sr * aa, sr * ab, sr * ac, small
+    ea, eb, ec, ee = 0.0 * big, rho * cov_z2_w / z * big, rho * cov_z2_p / z * big, 2.0 / (num_images - 1.0)
+    rows = [[aa, ab, ac, da, ea], [ab, bb, bc, db, eb], [ac, bc, cc, dc, ec], [da, db, dc, dd, 0.0 * big],
+            [ea, eb, ec, 0.0 * big, ee]]
+    return jnp.stack([jnp.stack([jnp.asarray(x, jnp.float64) for x in row]) for row in rows])
+
+
+def _params_row(row, mutation_mode: str) -> TraitParams:
+    return TraitParams(*[row[i] for i in range(len(PARAM_NAMES))], mutation_mode=mutation_mode)
+
+
+def residual_covariance(row, num_iterations: int, population, num_images, *, mutation_mode: str = "paper",
+                        variance: str = "genetic"):
+    """Sigma (2(K+1), 2(K+1)) of the residuals (xbar_0 - mu_0, s2_0 - V_0, xbar_1 - mu_1, ...) of one
+    condition (module docstring), its trajectory's (mean, V_obs) (K+1,) each.
+
+    row: natural parameters (7,) in PARAM_NAMES order (hard truncation: tail_rate is not used);
+    population, num_images: (K+1,) N_k and n_k (n_k >= 2 where the variance is used)."""
+    params = _params_row(row, mutation_mode)
+    traj = trajectory(params, num_iterations)
+    moments = selection_moments(params.r1, params.r2, jnp.inf)
+    var_obs = traj.var_genetic if variance == "genetic" else traj.var_phenotype
+    rho = traj.var_genetic / traj.var_phenotype if variance == "genetic" else jnp.ones_like(traj.mean)
+    q = jax.vmap(lambda r, big, small: noise_covariance(params.r1, params.r2, r, big, small))(
+        rho, population, num_images)                                   # (K+1, 5, 5)
+
+    def next_state(s):
+        new, _ = step(TraitState(s[0], s[1]), params, moments)
+        return jnp.stack([new.mean, new.var_genetic])
+
+    states = jnp.stack([traj.mean, traj.var_genetic], axis=-1)
+    jac = jax.vmap(jax.jacfwd(next_state))(states)                     # (K+1, 2, 2)
+    sd = jnp.sqrt(traj.var_phenotype)
+    h2 = traj.heritability
+    zero = jnp.zeros_like(sd)
+    g = jnp.stack([jnp.stack([sd * (1 - h2), h2 * sd, zero, zero, zero], -1),
+                   jnp.stack([zero, zero, traj.var_phenotype, zero, zero], -1)], -2)   # (K+1, 2, 5)
+    l_obs = jnp.stack([jnp.stack([zero, zero, zero, jnp.sqrt(var_obs), zero], -1),
+                       jnp.stack([zero, zero, zero, zero, var_obs], -1)], -2)          # (K+1, 2, 5)
+    k1 = num_iterations + 1
+    eye = jnp.eye(k1)
+
+    def body(sens, t):
+        # sens (2, K+1, 5): d delta_t / d xi_j; row of e_t adds L_t at block t
+        rows = sens + l_obs[t][:, None, :] * eye[t][None, :, None]
+        sens = jnp.einsum("ab,bjk->ajk", jac[t], sens) + g[t][:, None, :] * eye[t][None, :, None]
+        return sens, rows
+
+    _, rows = jax.lax.scan(body, jnp.zeros((2, k1, 5)), jnp.arange(k1))   # (K+1, 2, K+1, 5)
+    sigma = jnp.einsum("tajk,jkl,ubjl->taub", rows, q, rows).reshape(2 * k1, 2 * k1)
+    return sigma, traj.mean, var_obs
