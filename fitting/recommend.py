@@ -362,6 +362,10 @@ def recommendation_json(rec: Recommendation, cost: dict[str, Any] | None = None)
     }
     if "response" in rec.estimate:
         out["response"] = _intervals(rec, "response")
+        m_lo, m_hi = rec.interval("heritability_measured")
+        # R / S as measured, before it is clipped to (0, 1] for the recursion
+        out["heritability"]["measured"] = {"estimate": _num(rec.estimate["heritability_measured"]),
+                                           "lower": _num(m_lo), "upper": _num(m_hi)}
     return strict(out)
 
 

@@ -101,3 +101,19 @@ def test_recommend_check_prints_the_comparison(tmp_path):
     result = runner.invoke(app, ["recommend-check", str(tmp_path / "rec.json"), str(_study(tmp_path)),
                                  "--metric", "nope"])
     assert result.exit_code == 2 and "no variable 'nope'" in result.output
+
+
+@pytest.mark.slow
+def test_tiny_example_after_one_finetuning(example_config):
+    result = runner.invoke(app, ["recommend", str(example_config), "--scales", "1,2.5,7.5", "--images", "8",
+                                 "--after-iterations", "1", "--bootstrap-samples", "20", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = strict_loads(result.stdout.strip().splitlines()[-1])
+    assert summary["heritability"]["source"] == "measured" and summary["heritability_sensitivity"] == []
+    assert "measured" in summary["heritability"] and len(summary["response"]) == 3
+    cost = summary["cost"]["pilot"]
+    assert cost["finetunings"] == 3 and cost["finetune_seconds"] > 0
+    # one finetuning of 8 images: tiny_cpu.toml trains 2 epochs at batch 3 -> 3 steps an epoch
+    assert cost["finetune_samples"] == 3 * 2 * 3 * 3
+    # the finetuning rate is measured, so the chain's time is estimated
+    assert summary["cost"]["chain"]["estimated_seconds"] > 0 and summary["cost"]["ratio"]["seconds"] > 0
