@@ -169,9 +169,11 @@ def cost_summary(cfg, pilot, *, num_iterations: int, images: int) -> dict[str, A
     a = SD15_ANCHORS
     sd_samples = a["epochs"] * math.ceil(a["dataset_images"] / a["batch_size"]) * a["batch_size"]
     sd_chain = chain_cost(num_conditions=len(pilot.scales), num_iterations=a["num_iterations"],
-                          images_per_iteration=a["dataset_images"], num_steps=a["num_steps"], finetune_samples=sd_samples)
+                          images_per_iteration=a["dataset_images"], num_steps=a["num_steps"],
+                          finetune_samples=sd_samples)
+    pilot_samples = a["epochs"] * math.ceil(images / a["batch_size"]) * a["batch_size"]
     sd_pilot = {"images_generated": p["images_generated"], "reference_images": p["reference_images"],
-                "finetune_samples": p["finetunings"] * a["epochs"] * math.ceil(images / a["batch_size"]) * a["batch_size"]}
+                "finetune_samples": p["finetunings"] * pilot_samples}
     sd = {"anchors": a, "chain": sd_chain}
     for end, index in (("fast", 1), ("slow", 0)):
         rates = dict(images_per_s=a["images_per_s"][index], finetune_samples_per_s=a["finetune_samples_per_s"][index])

@@ -120,7 +120,8 @@ def test_json_is_strict_and_has_the_issue_shape(synthetic_recommendation):
 def test_bad_pilots_are_refused():
     pilot = synthetic_pilot(n=50)
     with pytest.raises(RecommendError, match="scales"):
-        recommend(PilotData(SCALES[:2], pilot.guided[:2], pilot.reference, pilot.originals), rng=np.random.default_rng())
+        recommend(PilotData(SCALES[:2], pilot.guided[:2], pilot.reference, pilot.originals),
+                  rng=np.random.default_rng())
     with pytest.raises(RecommendError, match="increasing"):
         recommend(PilotData(SCALES[::-1], pilot.guided, pilot.reference, pilot.originals), rng=np.random.default_rng())
     with pytest.raises(RecommendError, match="num_iterations"):
