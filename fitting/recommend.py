@@ -253,6 +253,8 @@ def pipeline(guided: np.ndarray, reference: np.ndarray, originals: np.ndarray, r
         out[label + "phenotype"] = phen
         out[label + "drift"] = drift_per_iteration(phen)
         out[label + "distance"] = distance_to_originals(phen, mean0[:, None], sd0[:, None])
+    # the selection differential the truncation window implies (D_1 - m), beside the measured one
+    out["selection_differential_predicted"] = out["phenotype"][..., 0] - ref_mean[:, None]
     out["grid_r1"], out["grid_r2"] = window_curve(grid, a1, b1), window_curve(grid, a2, b2)
     dist = np.where(np.isfinite(out["grid_distance"]), out["grid_distance"], np.inf)
     best = np.argmin(dist, axis=-1)
@@ -344,6 +346,7 @@ def recommendation_json(rec: Recommendation, cost: dict[str, Any] | None = None)
         "r1": _intervals(rec, "r1"),
         "r2": _intervals(rec, "r2"),
         "selection_differential": _intervals(rec, "selection_differential"),
+        "selection_differential_predicted": _intervals(rec, "selection_differential_predicted"),
         "predicted_drift": [_num(x) for x in rec.estimate["drift"]],
         "predicted_drift_interval": _intervals(rec, "drift"),
         "predicted_distance": [_num(x) for x in rec.estimate["distance"]],

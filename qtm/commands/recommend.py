@@ -58,6 +58,9 @@ def recommend(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Folder for pilot.nc (the pilot's phenotypes) and recommendation.json.")] = None,
     plot: PlotOut = None,
+    pilot_file: Annotated[Path | None, typer.Option(
+        "--pilot", help="Reuse the phenotypes of an earlier pilot (its pilot.nc) instead of generating: "
+                        "the scales and images are the file's.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
     json_output: JsonFlag = False,
 ) -> None:
@@ -85,8 +88,12 @@ def recommend(
     _quiet_libraries()
     with reported(FLAGS), progress_bars(enabled=progress and not json_output) as bars, \
             tempfile.TemporaryDirectory() as scratch:
-        pilot = run_pilot(cfg, out if out is not None else scratch, scales=scale_values, images=images,
-                          after_iterations=after_iterations, progress=bars)
+        if pilot_file is not None:
+            pilot = read_pilot(pilot_file)
+            images = pilot.reference.size
+        else:
+            pilot = run_pilot(cfg, out if out is not None else scratch, scales=scale_values, images=images,
+                              after_iterations=after_iterations, progress=bars)
         data = PilotData(np.asarray(pilot.scales), pilot.guided, pilot.reference, pilot.originals,
                          pilot.reference_next, pilot.reference_scale)
         result = recommend_scale(data, rec_config, rng=np.random.default_rng(seed))
@@ -132,6 +139,27 @@ def pilot_dataset(pilot, config: str):
     attrs = {"reference_scale": pilot.reference_scale, "config": config,
              **{f"cost_{k}": float(v) for k, v in pilot.cost.items()}}
     return xr.Dataset(data, coords={"scale": list(pilot.scales)}, attrs=attrs)
+
+
+def read_pilot(path: Path):
+    """A PilotResult from the pilot.nc of an earlier `qtm recommend --out` (the inverse of `pilot_dataset`)."""
+    import numpy as np
+
+    from chain.pilot import PilotResult
+    from qtmio.netcdf import read_netcdf
+
+    try:
+        ds = read_netcdf(path)
+    except (OSError, ValueError) as err:
+        fail(f"--pilot {path}: cannot read ({err})")
+    missing = [v for v in ("hf_power", "hf_power_reference", "hf_power_originals") if v not in ds]
+    if missing:
+        fail(f"--pilot {path} lacks {', '.join(missing)}: give the pilot.nc that qtm recommend --out wrote")
+    nxt = ds["hf_power_reference_next"].values if "hf_power_reference_next" in ds else None
+    cost = {k[len("cost_"):]: float(v) for k, v in ds.attrs.items() if k.startswith("cost_")}
+    return PilotResult(tuple(float(s) for s in ds["scale"].values), float(ds.attrs.get("reference_scale", 1.0)),
+                       np.asarray(ds["hf_power"].values, float), np.asarray(ds["hf_power_reference"].values, float),
+                       np.asarray(ds["hf_power_originals"].values, float), nxt, cost)
 
 
 def cost_summary(cfg, pilot, *, num_iterations: int, images: int) -> dict[str, Any]:
@@ -214,8 +242,8 @@ def _render(summary: dict[str, Any], terminal) -> None:
         terminal.print(f"  with h2 = {row['heritability']:g}: recommended scale {_fmt(row['recommended_scale'])}",
                        markup=False)
     cost = summary["cost"]
-    terminal.print(f"cost: pilot {cost['pilot']['unet_passes']:,} UNet passes in {cost['pilot']['seconds']:.0f} s; "
-                   f"the chain it replaces {cost['chain']['unet_passes']:,} passes and "
+    terminal.print(f"cost: pilot {int(cost['pilot']['unet_passes']):,} UNet passes in {cost['pilot']['seconds']:.0f} s; "
+                   f"the chain it replaces {int(cost['chain']['unet_passes']):,} passes and "
                    f"{cost['chain']['finetunings']} finetunings, about {_fmt(cost['chain']['estimated_seconds'])} s "
                    f"(ratio {_fmt(cost['ratio']['seconds'])} in time, {_fmt(cost['ratio']['unet_passes'])} in UNet "
                    f"passes); SD1.5 recipe on one H100 (published anchors): ratio {_fmt(cost['sd15']['ratio_slow'])}"

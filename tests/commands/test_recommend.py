@@ -65,6 +65,13 @@ def test_tiny_example_end_to_end(example_config, tmp_path):
     assert ds.hf_power.shape == (3, 8) and np.allclose(ds.hf_power.values[0], ds.hf_power_reference.values)
     assert json.loads((out / "recommendation.json").read_text())["scales"] == [1.0, 2.5, 7.5]
     assert plot.stat().st_size > 10_000
+    # the arithmetic again from the stored phenotypes, without generating: same windows, same pilot cost
+    again = runner.invoke(app, ["recommend", str(example_config), "--pilot", str(out / "pilot.nc"),
+                                "--bootstrap-samples", "30", "--json"])
+    assert again.exit_code == 0, again.output
+    again = strict_loads(again.stdout.strip().splitlines()[-1])
+    assert again["r1"] == summary["r1"] and again["recommended"] == summary["recommended"]
+    assert again["cost"]["pilot"]["unet_passes"] == cost["pilot"]["unet_passes"]
 
 
 def _study(tmp_path: Path) -> Path:

@@ -93,6 +93,9 @@ def test_pipeline_recovers_windows_curves_and_the_balanced_scale(synthetic_recom
     drift = rec.estimate["drift"]
     assert np.all(drift[SCALES < BALANCED] > 0) and np.all(drift[SCALES > BALANCED] < 0)
     assert rec.heritability_source == "default" and len(rec.sensitivity) == 6
+    # exact truncation: the differential the window implies is the measured one
+    assert np.allclose(rec.estimate["selection_differential_predicted"], rec.estimate["selection_differential"],
+                       atol=0.1 * 0.05)
 
 
 def test_measured_heritability_is_the_pooled_response_over_selection():
