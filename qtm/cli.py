@@ -12,6 +12,7 @@ from qtm.commands.assay import assay
 from qtm.commands.chain_run import run
 from qtm.commands.demo import demo
 from qtm.commands.fit import fit
+from qtm.commands.recommend import recommend, recommend_check
 from qtm.commands.report import report
 from qtm.commands.simulate import simulate
 from qtm.commands.spectra import spectra
@@ -40,6 +41,8 @@ app.command("spectra")(spectra)
 chain_app.command("run")(run)
 app.command("fit")(fit)
 app.command("assay")(assay)
+app.command("recommend")(recommend)
+app.command("recommend-check")(recommend_check)
 app.command("report")(report)
 app.command("demo")(demo)
 

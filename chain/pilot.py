@@ -1,0 +1,155 @@
+"""The pilot of `qtm recommend`: M_0's images at every candidate CFG scale and at the reference scale, with
+shared per-image seeds, measured; optionally after one finetuning per scale (the response of the next model).
+
+    pilot = run_pilot(config, out_dir, scales=(1.0, 2.5, 7.5), images=128)
+    pilot.guided        (S, n) phenotypes at each scale     pilot.reference (n,) at config.assay.reference_scale
+    pilot.originals     (N0,) phenotypes of D_0             pilot.reference_next (S, n) or None
+    pilot.cost          images, UNet passes and seconds, measured
+
+Image i of every set has prompt i (D_0's captions in order, repeated when n exceeds them) and seed
+image_seed(run seed, "pilot", 0, i), so the sets differ only by the guidance scale (the assay's pairing by
+seed). Generation, measurement and finetuning are the chain's own (chain.sampling.generate,
+chain.measure.measure, chain.finetune.finetune); the phenotype is measured on the 8-bit images the chain
+would write. A scale equal to the reference scale reuses the reference set (at scale 1 the conditional pass
+alone gives the CFG image up to rounding). Nothing is written except, for a "tiny" model, its base_model/
+folder in out_dir (as a run does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chain.config import ChainConfig
+from chain.errors import ConfigError
+
+PURPOSE = "pilot"
+
+
+@dataclasses.dataclass
+class PilotResult:
+    """A pilot's phenotypes (image i shares its prompt and seed across sets) and what it cost."""
+
+    scales: tuple[float, ...]
+    reference_scale: float
+    guided: np.ndarray  # (S, n)
+    reference: np.ndarray  # (n,)
+    originals: np.ndarray  # (N0,)
+    reference_next: np.ndarray | None  # (S, n) after one finetuning per scale, or None
+    cost: dict[str, float]
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Images as the chain writes them (8-bit PNG: clamped, rounded to 1/255), so that the pilot measures the
+    same phenotype as a run."""
+    return images.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
+
+
+def pilot_prompts(captions: Sequence[str], images: int) -> list[str]:
+    """Prompt i = caption i mod len(captions): D_0's captions in order, repeated as needed."""
+    return [captions[i % len(captions)] for i in range(images)]
+
+
+def check_pilot(config: ChainConfig, scales: Sequence[float], images: int, after_iterations: int) -> None:
+    """Refuse settings the pilot cannot run, naming the option."""
+    if len(scales) < 3:
+        raise ConfigError(f"{{scales}} needs at least 3 scales; got {list(scales)}", parameters=("scales",))
+    if any(not s > 0 for s in scales) or sorted(set(scales)) != list(scales):
+        raise ConfigError(f"{{scales}} must be positive, distinct and increasing; got {list(scales)}",
+                          parameters=("scales",))
+    if images < 8:
+        raise ConfigError(f"{{images}} must be >= 8 (the window estimates need a sample); got {images}",
+                          parameters=("images",))
+    if after_iterations not in (0, 1):
+        raise ConfigError(f"{{after_iterations}} must be 0 or 1; got {after_iterations}",
+                          parameters=("after_iterations",))
+
+
+def run_pilot(config: ChainConfig, out_dir: str | Path, *, scales: Sequence[float], images: int,
+              after_iterations: int = 0, progress: Callable[[str, int], Callable[..., None]] | None = None,
+              ) -> PilotResult:
+    """Generate and measure the pilot (module docstring). `progress(description, total)` as chain.run's."""
+    from accelerate import Accelerator
+
+    from chain.data import load_captioned_folder
+    from chain.finetune import finetune
+    from chain.guidance import Constant
+    from chain.measure import measure
+    from chain.run import resolve_base_model
+    from chain.sampling import generate, image_seed, make_generator
+
+    scales = tuple(float(s) for s in scales)
+    check_pilot(config, scales, images, after_iterations)
+    progress = progress or (lambda description, total: (lambda *a, **k: None))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = config.run.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = Accelerator(mixed_precision=config.finetune.mixed_precision, cpu=device == "cpu")
+    originals = load_captioned_folder(
+        config.data.path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
+        format=config.data.format, center_crop=config.data.center_crop, max_images=config.data.max_images,
+    )
+    base = resolve_base_model(config, out_dir)
+    for module in (base.unet, base.text_encoder, base.vae):
+        if module is not None:
+            module.to(accelerator.device)
+    prompts = pilot_prompts(originals.captions, images)
+    seeds = [image_seed(config.run.seed, PURPOSE, 0, i) for i in range(images)]
+    tau, steps = config.metrics.phenotype_tau, config.sampling.num_steps
+    cost = {"images_generated": 0, "reference_images": 0, "unet_passes": 0, "generation_seconds": 0.0,
+            "reference_seconds": 0.0, "finetunings": 0, "finetune_samples": 0, "finetune_seconds": 0.0,
+            "measure_seconds": 0.0}
+
+    def sample(model, scale: float, label: str) -> np.ndarray:
+        conditional_only = scale == 1.0
+        bar = progress(label, images)
+        t0 = time.perf_counter()
+        gen = generate(model, prompts, seeds, Constant(scale), num_steps=steps, resolution=config.data.resolution,
+                       clip_skip=config.finetune.clip_skip, batch_size=config.sampling.batch_size,
+                       unconditional=not conditional_only, on_batch=lambda n: bar(n))
+        seconds = time.perf_counter() - t0
+        kind = "reference" if conditional_only else "generation"
+        cost["reference_images" if conditional_only else "images_generated"] += images
+        cost[f"{kind}_seconds"] += seconds
+        cost["unet_passes"] += images * steps * (1 if conditional_only else 2)
+        t1 = time.perf_counter()
+        hf = measure(quantize(gen.images), encoder=None, batch_size=config.metrics.batch_size, tau=tau).hf_power
+        cost["measure_seconds"] += time.perf_counter() - t1
+        return hf, gen.images
+
+    t0 = time.perf_counter()
+    originals_hf = measure(originals.images, encoder=None, batch_size=config.metrics.batch_size, tau=tau).hf_power
+    cost["measure_seconds"] += time.perf_counter() - t0
+    ref_scale = float(config.assay.reference_scale)
+    reference, _ = sample(base, ref_scale, f"reference (scale {ref_scale:g})")
+    guided = np.empty((len(scales), images))
+    reference_next = np.empty((len(scales), images)) if after_iterations else None
+    for j, scale in enumerate(scales):
+        if scale == ref_scale:
+            guided[j], batch = reference, None
+        else:
+            guided[j], batch = sample(base, scale, f"scale {scale:g}")
+        if after_iterations:
+            if batch is None:  # the reference set is the guided set of this scale: regenerate its images
+                _, batch = sample(base, scale, f"scale {scale:g}")
+            t1 = time.perf_counter()
+            result = finetune(base, quantize(batch), prompts, config.finetune, condition_drop=0.0,
+                              generator=make_generator(image_seed(config.run.seed, PURPOSE, 1, j, "train")),
+                              accelerator=accelerator)
+            cost["finetunings"] += 1
+            cost["finetune_samples"] += result.num_steps * config.finetune.batch_size
+            cost["finetune_seconds"] += time.perf_counter() - t1
+            model = result.model
+            model.unet.eval()
+            model.text_encoder.eval()
+            reference_next[j], _ = sample(model, ref_scale, f"scale {scale:g}: reference after finetuning")
+    cost["seconds"] = sum(cost[k] for k in ("generation_seconds", "reference_seconds", "finetune_seconds",
+                                             "measure_seconds"))
+    return PilotResult(scales, ref_scale, guided, reference, originals_hf, reference_next, cost)

@@ -1,0 +1,84 @@
+"""The figure of `qtm recommend`: the realized window r1(s), r2(s) per scale with its curves and intervals, the
+predicted drift per iteration and the predicted distance to D_0 per scale, the recommended scale marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qtmio.figures import figure, save_figure
+
+
+def _band(ax, x, rec, name: str, color: str, label: str) -> None:
+    lo, hi = rec.interval(name)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+    ax.plot(x, rec.estimate[name], color=color, lw=1.6, label=label)
+
+
+def _points(ax, x, rec, name: str, color: str, label: str, marker: str = "o") -> None:
+    lo, hi = rec.interval(name)
+    y = rec.estimate[name]
+    ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt=marker, color=color,
+                ms=5, capsize=3, label=label)
+
+
+def _mark(ax, rec) -> None:
+    s = float(rec.estimate["recommended"])
+    lo, hi = rec.interval("recommended")
+    if np.isfinite(lo) and np.isfinite(hi):
+        ax.axvspan(lo, hi, color="0.85", zorder=0, lw=0)
+    if np.isfinite(s):
+        ax.axvline(s, color="k", ls="--", lw=1)
+
+
+def _scale_axis(ax, rec) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(rec.scales)
+    ax.set_xticklabels([f"{s:g}" for s in rec.scales])
+    ax.minorticks_off()
+    ax.set_xlabel("CFG scale s (log axis)")
+    ax.grid(alpha=0.3)
+
+
+def plot_recommendation(rec, path: str | Path) -> Path:
+    """Three panels side by side; the grey band and dashed line are the recommended scale and its bootstrap
+    interval; bands and error bars are 95 % bootstrap intervals."""
+    fig = figure(figsize=(14, 4.6))
+    axes = fig.subplots(1, 3)
+    ax = axes[0]
+    _mark(ax, rec)
+    _band(ax, rec.grid, rec, "grid_r1", "C0", "r1(s) curve (left tail)")
+    _band(ax, rec.grid, rec, "grid_r2", "C3", "r2(s) curve (right tail)")
+    _points(ax, rec.scales, rec, "r1", "C0", "r1 assayed")
+    _points(ax, rec.scales, rec, "r2", "C3", "r2 assayed", marker="s")
+    upper = max(np.nanmax(np.concatenate([rec.interval(n)[1] for n in ("r1", "r2", "grid_r1", "grid_r2")])), 0.1)
+    ax.set_ylim(-0.02, min(1.0, 1.15 * upper + 0.03))
+    ax.set_ylabel("fraction of the reference set cut")
+    ax.set_title("Realized selection window\n(assayed against the reference scale)", fontsize=11)
+    ax.legend(fontsize=8, loc="upper left")
+
+    ax = axes[1]
+    _mark(ax, rec)
+    _band(ax, rec.grid, rec, "grid_drift", "C2", "from the curves")
+    _points(ax, rec.scales, rec, "drift", "C2", "at the pilot's scales")
+    ax.axhline(0, color="0.4", lw=0.8)
+    ax.set_ylabel("phenotype drift per iteration")
+    h2 = rec.estimate["heritability"]
+    ax.set_title(f"Predicted drift per iteration\nK = {rec.config.num_iterations}, h2 = {h2:.2g} "
+                 f"({rec.heritability_source})", fontsize=11)
+    ax.legend(fontsize=8, loc="best")
+
+    ax = axes[2]
+    _mark(ax, rec)
+    _band(ax, rec.grid, rec, "grid_distance", "C4", "from the curves")
+    _points(ax, rec.scales, rec, "distance", "C4", "at the pilot's scales")
+    ax.set_ylabel("mean |phenotype(D_k) - D_0| / sd(D_0)")
+    lo, hi = rec.interval("recommended")
+    ax.set_title(f"Distance to D_0 over K iterations\nrecommended s = {float(rec.estimate['recommended']):.2f} "
+                 f"(95 % interval {lo:.2f} to {hi:.2f})", fontsize=11)
+    ax.legend(fontsize=8, loc="best")
+    for ax in axes:
+        _scale_axis(ax, rec)
+    fig.tight_layout()
+    return save_figure(fig, path)

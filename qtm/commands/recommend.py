@@ -1,0 +1,299 @@
+"""`qtm recommend CONFIG --scales 1,1.5,2.5,5,7.5`: choose a CFG scale from a cheap pilot instead of running
+the chain at every scale (docs/recommend.md).
+
+The shell glues the pilot (chain.pilot: M_0's images at every scale and at the reference scale, measured)
+to the arithmetic (fitting.recommend: assayed windows, curves r1(s), r2(s), qtm's recursion, the bootstrap),
+states the cost against the chain it replaces, and writes what was asked for. `qtm recommend-check` compares
+a recommendation with a study's measured collapse rates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from qtm.commands.common import JsonFlag, PlotOut, check_output, console, fail, progress_bars, reported, writing
+
+FLAGS = {"scales": "--scales", "images": "--images", "after_iterations": "--after-iterations",
+         "num_iterations": "--iterations", "heritability": "--heritability", "num_bootstrap": "--bootstrap-samples"}
+
+TOY_FINETUNE_SAMPLES_PER_S = 8.4
+"""The toy world's finetuning rate on the 2-core CPU machine of benchmarks/RESULTS.md ("Toy loop", batch 6,
+measured under load), used for the toy chain's finetuning when the pilot does not finetune itself."""
+SD15_ANCHORS = {
+    "source": "published anchors for one H100, derived from published figures, not measured by this project",
+    "finetune_samples_per_s": (15.0, 25.0),  # LoRA, the paper's recipe, batch 6, cached latents, SDPA
+    "images_per_s": (2.5, 3.5),  # 512 px, 30 Euler-a steps with CFG, batch 16-32
+    "dataset_images": 833,  # the paper's Pokemon set
+    "epochs": 100, "batch_size": 6, "num_steps": 30, "num_iterations": 6,
+}
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        fail(f"--scales {text!r}: give comma-separated numbers, e.g. 1,1.5,2.5,5,7.5")
+
+
+def recommend(
+    config: Annotated[Path, typer.Argument(help="TOML config of the chain to choose a scale for.")],
+    scales: Annotated[str, typer.Option("--scales", help="Candidate constant CFG scales, comma-separated.")]
+    = "1,1.5,2.5,5,7.5",
+    images: Annotated[int, typer.Option("--images", help="Pilot images per scale (same prompts and seeds).")] = 128,
+    after_iterations: Annotated[int, typer.Option(
+        "--after-iterations", help="1: also finetune M_0 once on each scale's images and measure the response "
+                                   "(the heritability); 0: a default heritability and its sensitivity.")] = 0,
+    iterations: Annotated[int | None, typer.Option(
+        "--iterations", help="K, the chain length to predict (default: the config's run.num_iterations).")] = None,
+    heritability: Annotated[float | None, typer.Option(
+        "--heritability", help="Use this h2 instead of the measured or default one.")] = None,
+    bootstrap_samples: Annotated[int, typer.Option(
+        "--bootstrap-samples", help="Bootstrap replicates (images resampled) for the intervals.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for pilot.nc (the pilot's phenotypes) and recommendation.json.")] = None,
+    plot: PlotOut = None,
+    pilot_file: Annotated[Path | None, typer.Option(
+        "--pilot", help="Reuse the phenotypes of an earlier pilot (its pilot.nc) instead of generating: "
+                        "the scales and images are the file's.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    json_output: JsonFlag = False,
+) -> None:
+    """Generate from M_0 at every scale and at the reference scale (shared seeds), assay the realized selection
+    window of each scale, fit r1(s), r2(s), predict each scale's phenotype trajectory with qtm's recursion and
+    recommend the scale that keeps it closest to D_0, with a bootstrap interval and the cost against the chain."""
+    import tempfile
+
+    import numpy as np
+
+    from chain.config import load_config
+    from chain.pilot import check_pilot, run_pilot
+    from fitting.recommend import PilotData, RecommendConfig, recommend as recommend_scale, recommendation_json
+
+    scale_values = parse_scales(scales)
+    check_output("--plot", plot)
+    if out is not None and out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder")
+    with reported(FLAGS):
+        cfg = load_config(config)
+        check_pilot(cfg, scale_values, images, after_iterations)
+        rec_config = RecommendConfig(num_iterations=iterations or cfg.run.num_iterations,
+                                     heritability=heritability, num_bootstrap=bootstrap_samples)
+        rec_config.validate()
+    _quiet_libraries()
+    with reported(FLAGS), progress_bars(enabled=progress and not json_output) as bars, \
+            tempfile.TemporaryDirectory() as scratch:
+        if pilot_file is not None:
+            pilot = read_pilot(pilot_file)
+            images = pilot.reference.size
+        else:
+            pilot = run_pilot(cfg, out if out is not None else scratch, scales=scale_values, images=images,
+                              after_iterations=after_iterations, progress=bars)
+        data = PilotData(np.asarray(pilot.scales), pilot.guided, pilot.reference, pilot.originals,
+                         pilot.reference_next, pilot.reference_scale)
+        result = recommend_scale(data, rec_config, rng=np.random.default_rng(seed))
+    cost = cost_summary(cfg, pilot, num_iterations=rec_config.num_iterations, images=images)
+    summary = recommendation_json(result, cost)
+    if out is not None:
+        from fitting.recommend import strict
+        from qtmio.atomic import write_text_atomic
+        from qtmio.netcdf import write_netcdf
+
+        with writing("--out", out):
+            write_netcdf(pilot_dataset(pilot, str(config)), out / "pilot.nc")
+            write_text_atomic(out / "recommendation.json", json.dumps(strict(summary), indent=1, allow_nan=False))
+    if plot is not None:
+        from fitting.recommend_plotting import plot_recommendation
+
+        with writing("--plot", plot):
+            plot_recommendation(result, plot)
+    if json_output:
+        typer.echo(json.dumps(summary, allow_nan=False))
+        return
+    _render(summary, console())
+
+
+def _quiet_libraries() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def pilot_dataset(pilot, config: str):
+    """The pilot's phenotypes as a dataset: guided (scale, image), reference (image), originals, and
+    reference_next (scale, image) after one finetuning when measured."""
+    import xarray as xr
+
+    data = {"hf_power": (("scale", "image"), pilot.guided),
+            "hf_power_reference": (("image",), pilot.reference),
+            "hf_power_originals": (("original",), pilot.originals)}
+    if pilot.reference_next is not None:
+        data["hf_power_reference_next"] = (("scale", "image"), pilot.reference_next)
+    attrs = {"reference_scale": pilot.reference_scale, "config": config,
+             **{f"cost_{k}": float(v) for k, v in pilot.cost.items()}}
+    return xr.Dataset(data, coords={"scale": list(pilot.scales)}, attrs=attrs)
+
+
+def read_pilot(path: Path):
+    """A PilotResult from the pilot.nc of an earlier `qtm recommend --out` (the inverse of `pilot_dataset`)."""
+    import numpy as np
+
+    from chain.pilot import PilotResult
+    from qtmio.netcdf import read_netcdf
+
+    try:
+        ds = read_netcdf(path)
+    except (OSError, ValueError) as err:
+        fail(f"--pilot {path}: cannot read ({err})")
+    missing = [v for v in ("hf_power", "hf_power_reference", "hf_power_originals") if v not in ds]
+    if missing:
+        fail(f"--pilot {path} lacks {', '.join(missing)}: give the pilot.nc that qtm recommend --out wrote")
+    nxt = ds["hf_power_reference_next"].values if "hf_power_reference_next" in ds else None
+    cost = {k[len("cost_"):]: float(v) for k, v in ds.attrs.items() if k.startswith("cost_")}
+    return PilotResult(tuple(float(s) for s in ds["scale"].values), float(ds.attrs.get("reference_scale", 1.0)),
+                       np.asarray(ds["hf_power"].values, float), np.asarray(ds["hf_power_reference"].values, float),
+                       np.asarray(ds["hf_power_originals"].values, float), nxt, cost)
+
+
+def cost_summary(cfg, pilot, *, num_iterations: int, images: int) -> dict[str, Any]:
+    """The pilot's measured cost against the chain it replaces (one condition per scale, K iterations, the
+    config's images per iteration and finetuning recipe), and the same comparison for the paper's SD1.5
+    recipe from published GPU anchors."""
+    from chain.data import load_captioned_folder
+    from chain.finetune import num_training_steps
+    from fitting.recommend import chain_cost, estimated_seconds
+
+    n0 = len(load_captioned_folder(cfg.data.path, resolution=cfg.data.resolution,
+                                   caption_extension=cfg.data.caption_extension, format=cfg.data.format,
+                                   center_crop=cfg.data.center_crop, max_images=cfg.data.max_images).captions)
+    per_iteration = n0 * cfg.sampling.images_per_prompt
+    samples = num_training_steps(per_iteration, cfg.finetune) * cfg.finetune.batch_size
+    chain = chain_cost(num_conditions=len(pilot.scales), num_iterations=num_iterations,
+                       images_per_iteration=per_iteration, num_steps=cfg.sampling.num_steps, finetune_samples=samples)
+    p = dict(pilot.cost)
+    images_per_s = p["images_generated"] / p["generation_seconds"] if p["generation_seconds"] > 0 else None
+    if p["finetune_seconds"] > 0:
+        ft_rate, ft_source = p["finetune_samples"] / p["finetune_seconds"], "measured by this pilot"
+    elif cfg.model.path == "toy":
+        ft_rate, ft_source = TOY_FINETUNE_SAMPLES_PER_S, "the toy world's measured rate (benchmarks/RESULTS.md)"
+    else:
+        ft_rate, ft_source = None, "unknown (--after-iterations 1 measures it)"
+    chain_seconds = estimated_seconds(chain, images_per_s=images_per_s, finetune_samples_per_s=ft_rate) \
+        if images_per_s else None
+    chain.update(estimated_seconds=chain_seconds, generation_rate_images_per_s=images_per_s,
+                 finetune_rate_samples_per_s=ft_rate, finetune_rate_source=ft_source)
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    # the paper's SD1.5 recipe: the same pilot (scales x images) against the chain it replaces
+    a = SD15_ANCHORS
+    sd_samples = a["epochs"] * math.ceil(a["dataset_images"] / a["batch_size"]) * a["batch_size"]
+    sd_chain = chain_cost(num_conditions=len(pilot.scales), num_iterations=a["num_iterations"],
+                          images_per_iteration=a["dataset_images"], num_steps=a["num_steps"],
+                          finetune_samples=sd_samples)
+    pilot_samples = a["epochs"] * math.ceil(images / a["batch_size"]) * a["batch_size"]
+    sd_pilot = {"images_generated": p["images_generated"], "reference_images": p["reference_images"],
+                "finetune_samples": p["finetunings"] * pilot_samples}
+    sd = {"anchors": a, "chain": sd_chain}
+    for end, index in (("fast", 1), ("slow", 0)):
+        rates = dict(images_per_s=a["images_per_s"][index], finetune_samples_per_s=a["finetune_samples_per_s"][index])
+        sd[f"pilot_seconds_{end}"] = estimated_seconds(sd_pilot, **rates)
+        sd[f"chain_seconds_{end}"] = estimated_seconds(sd_chain, **rates)
+        sd[f"ratio_{end}"] = ratio(sd[f"pilot_seconds_{end}"], sd[f"chain_seconds_{end}"])
+    return {
+        "pilot": p,
+        "chain": chain,
+        "ratio": {"images": ratio(p["images_generated"] + p["reference_images"], chain["images_generated"]),
+                  "unet_passes": ratio(p["unet_passes"], chain["unet_passes"]),
+                  "seconds": ratio(p["seconds"], chain_seconds)},
+        "sd15": sd,
+    }
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def _render(summary: dict[str, Any], terminal) -> None:
+    from rich.table import Table
+
+    table = Table(title="Pilot: realized selection window per scale and predicted drift per iteration")
+    for col in ("scale", "r1 [95 % CI]", "r2 [95 % CI]", "drift / iteration", "distance to D_0 (sd)"):
+        table.add_column(col, justify="right")
+    for i, s in enumerate(summary["scales"]):
+        r1, r2 = summary["r1"][i], summary["r2"][i]
+        table.add_row(f"{s:g}", f"{_fmt(r1['estimate'])} [{_fmt(r1['lower'])}, {_fmt(r1['upper'])}]",
+                      f"{_fmt(r2['estimate'])} [{_fmt(r2['lower'])}, {_fmt(r2['upper'])}]",
+                      _fmt(summary["predicted_drift"][i]), _fmt(summary["predicted_distance"][i]))
+    terminal.print(table)
+    rec, h2 = summary["recommended"], summary["heritability"]
+    terminal.print(f"recommended scale: {_fmt(rec['scale'])} (95 % interval {_fmt(rec['lower'])} to "
+                   f"{_fmt(rec['upper'])}), over K = {summary['num_iterations']} iterations, heritability "
+                   f"{_fmt(h2['estimate'])} ({h2['source']})", markup=False)
+    for row in summary["heritability_sensitivity"]:
+        terminal.print(f"  with h2 = {row['heritability']:g}: recommended scale {_fmt(row['recommended_scale'])}",
+                       markup=False)
+    cost = summary["cost"]
+    terminal.print(f"cost: pilot {int(cost['pilot']['unet_passes']):,} UNet passes in {cost['pilot']['seconds']:.0f} s; "
+                   f"the chain it replaces {int(cost['chain']['unet_passes']):,} passes and "
+                   f"{cost['chain']['finetunings']} finetunings, about {_fmt(cost['chain']['estimated_seconds'])} s "
+                   f"(ratio {_fmt(cost['ratio']['seconds'])} in time, {_fmt(cost['ratio']['unet_passes'])} in UNet "
+                   f"passes); SD1.5 recipe on one H100 (published anchors): ratio {_fmt(cost['sd15']['ratio_slow'])}"
+                   f" to {_fmt(cost['sd15']['ratio_fast'])}", markup=False)
+
+
+def recommend_check(
+    recommendation: Annotated[Path, typer.Argument(help="recommendation.json (qtm recommend --out).")],
+    run: Annotated[Path, typer.Argument(help="A study's run folder (metrics.nc) or .nc file.")],
+    metric: Annotated[str, typer.Option("--metric", help="The metric whose collapse rate (Eq. 3) is compared.")]
+    = "fd_dinov2",
+) -> None:
+    """Compare a recommendation with a study: Spearman's rank correlation between predicted |drift| and the
+    measured collapse rate (FD_K - FD_1) / (K - 1) over the constant-CFG scales, and whether the recommended
+    scale is among the two best measured. Prints one JSON object."""
+    from fitting.recommend import compare_with_study
+
+    try:
+        rec = json.loads(recommendation.read_text())
+    except (OSError, ValueError) as err:
+        fail(f"{recommendation}: cannot read a recommendation ({err})")
+    with reported():
+        result = compare_with_study(rec, measured_collapse_rates(run, metric))
+    typer.echo(json.dumps(result, allow_nan=False))
+
+
+def measured_collapse_rates(run: Path, metric: str = "fd_dinov2") -> dict[float, float]:
+    """{scale: collapse rate} of a study's constant-CFG conditions: chain.metrics.collapse_rate of the metric's
+    mean over iterations 1..K (Eq. 3, (m_K - m_1) / (K - 1)); conditions with missing iterations are left out."""
+    import numpy as np
+
+    from chain.metrics import collapse_rate
+    from qtmio.netcdf import read_netcdf
+
+    path = run / "metrics.nc" if run.is_dir() else run
+    try:
+        ds = read_netcdf(path)
+    except (OSError, ValueError) as err:
+        fail(f"{path}: cannot read ({err})")
+    if metric not in ds:
+        fail(f"{path} has no variable {metric!r}; choose --metric among {', '.join(sorted(ds.data_vars))}")
+    rates = {}
+    for c in ds.condition.values:
+        cell = ds.sel(condition=c)
+        if str(cell.cfg_schedule.values) != "constant":
+            continue
+        values = cell[metric]
+        if "image" in values.dims:
+            values = values.mean("image")
+        y = np.asarray(values.sel(iteration=slice(1, None)).values, float)
+        if y.size >= 2 and np.all(np.isfinite(y)):
+            rates[float(cell.cfg_scale.values)] = collapse_rate(y, np.arange(1, y.size + 1))
+    return rates
