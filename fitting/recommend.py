@@ -42,6 +42,7 @@ from scipy import optimize, special, stats
 
 from fitting.assay import window_empirical
 from fitting.errors import FittingError
+from qtmio.strict_json import to_strict_json
 
 DEFAULT_HERITABILITY = 0.056**2 / (0.056**2 + 0.25**2)
 """h2_0 = sigma_G,0^2 / (sigma_G,0^2 + sigma_E^2) of the paper's parameters (Appendix D.2.2): about 0.048."""
@@ -337,7 +338,7 @@ def _intervals(rec: Recommendation, name: str) -> list[dict[str, float | None]]:
 
 
 def recommendation_json(rec: Recommendation, cost: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON summary (strict: NaN and infinities become null): {"scales", "r1", "r2", "predicted_drift",
+    """The JSON summary (strict: NaN becomes null, infinities "inf"/"-inf", as every command writes): {"scales", "r1", "r2", "predicted_drift",
     "recommended": {"scale", "lower", "upper"}, "cost", ...}."""
     lo, hi = rec.interval("recommended")
     h_lo, h_hi = rec.interval("heritability")
@@ -369,20 +370,7 @@ def recommendation_json(rec: Recommendation, cost: dict[str, Any] | None = None)
         # R / S as measured, before it is clipped to (0, 1] for the recursion
         out["heritability"]["measured"] = {"estimate": _num(rec.estimate["heritability_measured"]),
                                            "lower": _num(m_lo), "upper": _num(m_hi)}
-    return strict(out)
-
-
-def strict(obj: Any) -> Any:
-    """obj with every non-finite float replaced by None (JSON without NaN)."""
-    if isinstance(obj, dict):
-        return {k: strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return _num(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+    return to_strict_json(out)
 
 
 # ------------------------------------------------------------------------------------------------ cost
@@ -437,7 +425,7 @@ def compare_with_study(recommendation: dict[str, Any], measured: dict[float, flo
     rec = recommendation["recommended"]["scale"]
     nearest = float(s_common[np.argmin(np.abs(np.log(s_common) - math.log(rec)))]) if rec else None
     best_two = [float(s) for s in s_common[np.argsort(rate, kind="stable")[:2]]]
-    return strict({"scales": s_common.tolist(), "predicted_abs_drift": predicted.tolist(),
+    return to_strict_json({"scales": s_common.tolist(), "predicted_abs_drift": predicted.tolist(),
                    "measured_collapse_rate": rate.tolist(), "spearman": float(rho), "p_value": float(p),
                    "recommended_scale": rec, "nearest_pilot_scale": nearest, "best_two_measured": best_two,
                    "recommended_among_best_two": nearest in best_two if nearest is not None else None})

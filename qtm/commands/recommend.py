@@ -16,7 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from qtm.commands.common import JsonFlag, PlotOut, check_output, console, fail, progress_bars, reported, writing
+from qtm.commands.common import (JsonFlag, PlotOut, check_output, console, fail, print_json, progress_bars,
+                                 reported, writing)
 
 FLAGS = {"scales": "--scales", "images": "--images", "after_iterations": "--after-iterations",
          "num_iterations": "--iterations", "heritability": "--heritability", "num_bootstrap": "--bootstrap-samples"}
@@ -100,20 +101,20 @@ def recommend(
     cost = cost_summary(cfg, pilot, num_iterations=rec_config.num_iterations, images=images)
     summary = recommendation_json(result, cost)
     if out is not None:
-        from fitting.recommend import strict
+        from qtmio.strict_json import dumps_strict
         from qtmio.atomic import write_text_atomic
         from qtmio.netcdf import write_netcdf
 
         with writing("--out", out):
             write_netcdf(pilot_dataset(pilot, str(config)), out / "pilot.nc")
-            write_text_atomic(out / "recommendation.json", json.dumps(strict(summary), indent=1, allow_nan=False))
+            write_text_atomic(out / "recommendation.json", dumps_strict(summary, indent=1))
     if plot is not None:
         from fitting.recommend_plotting import plot_recommendation
 
         with writing("--plot", plot):
             plot_recommendation(result, plot)
     if json_output:
-        typer.echo(json.dumps(summary, allow_nan=False))
+        print_json(summary)
         return
     _render(summary, console())
 
@@ -267,7 +268,7 @@ def recommend_check(
         fail(f"{recommendation}: cannot read a recommendation ({err})")
     with reported():
         result = compare_with_study(rec, measured_collapse_rates(run, metric))
-    typer.echo(json.dumps(result, allow_nan=False))
+    print_json(result)
 
 
 def measured_collapse_rates(run: Path, metric: str = "fd_dinov2") -> dict[float, float]:
