@@ -100,6 +100,8 @@ def fit(
     from fitting.model import DEFAULT_SHARED, ModelSpec
     from fitting.observations import load_observations
 
+    check_output("--out", out)
+    check_output("--plot", plot, suffixes=PLOT_SUFFIXES)
     with reported(FLAGS):
         obs = load_observations(path)
     if drift is None:
@@ -115,9 +117,6 @@ def fit(
                        num_bootstrap=bootstrap_samples)
     with reported(FLAGS):
         config.validate()
-    check_output("--out", out)
-    check_output("--plot", plot, suffixes=PLOT_SUFFIXES)
-
     with reported(FLAGS), progress_bars(lines="qtm fit") as bars:
         result = fit_observations(obs, config, key=jax.random.key(seed), progress=bars)
         comparison = None
