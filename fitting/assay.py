@@ -44,6 +44,10 @@ ASSAY_SCHEMA_VERSION = 1
 PACKAGES = ("qtm", "numpy", "scipy", "xarray", "h5netcdf")
 MODELS = ("truncation", "shift", "scale", "none")
 MODEL_NUM_PARAMS = {"truncation": 4, "shift": 3, "scale": 3, "none": 2}
+SKEWNESS_LIMIT = 1.0
+"""|skewness| of a condition's reference phenotypes above which the normal-law window and the truncation test
+are flagged: on a phenotype bounded below and skewed right, the smallest values sit far above a fitted
+normal's left tail, so "truncated on the left" beats "no change" even between identical sets."""
 CELL_QUANTITIES = ("r1", "r2", "r1_empirical", "r2_empirical", "selection_differential")
 ITERATION_QUANTITIES = CELL_QUANTITIES + ("response", "heritability", "cumulative_selection_differential",
                                           "cumulative_response")
@@ -417,7 +421,26 @@ def run_assay(data: AssayInput, config: AssayConfig = AssayConfig(), *, rng: np.
     if weak:
         notes.append("selection differential indistinguishable from 0 (its interval covers 0), so h2 = R / S "
                      "means nothing at: " + ", ".join(weak))
+    notes += skewness_notes(data)
     return dataclasses.replace(result, notes=tuple(notes))
+
+
+def skewness_notes(data: AssayInput) -> list[str]:
+    """One note per condition whose reference phenotypes (all iterations pooled) have |skewness| above
+    SKEWNESS_LIMIT: there the normal-law window (r1, r2) and the truncation test assume a law the data do not
+    follow, and only the distribution-free window, S, R and h2 are to be read."""
+    notes = []
+    for c, name in enumerate(data.conditions):
+        values = data.reference[c][np.isfinite(data.reference[c])]
+        if values.size < 3 or np.ptp(values) == 0:
+            continue
+        skewness = float(stats.skew(values))
+        if abs(skewness) > SKEWNESS_LIMIT:
+            notes.append(f"condition {name}: the reference phenotypes are skewed (skewness {skewness:.2f}); the "
+                         "normal-law window and the truncation test assume a normal law and mislead here (they "
+                         "can report truncation between identical sets): read the distribution-free window, "
+                         "S, R and h2")
+    return notes
 
 
 def _percentiles(values: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:

@@ -459,3 +459,20 @@ def test_markdown_routes_has_one_row_and_one_sentence_per_parameter():
     assert "| a | r2 | 0.3 (fixed) | — | not comparable |" in text
     assert "![Selection window by both routes](routes.png)" in text
     assert text.endswith("- a, r1: they agree.\n- a, r2: no assay.\n")
+
+
+def test_skewed_reference_phenotypes_flag_the_normal_law_route():
+    """Identical log-normal sets (skewness ~6 at sd 1 on the log scale) get the note that the normal-law route
+    misleads; the distribution-free window is 0 as it should be. Normal sets of the same size get no note."""
+    rng = np.random.default_rng(3)
+    skewed = np.exp(rng.normal(size=(1, 2, 400)))
+    normal = rng.normal(size=(1, 2, 400))
+    for values, flagged in ((skewed, True), (normal, False)):
+        data = AssayInput(conditions=("c",), iterations=np.array([1, 2]), guided=values.copy(),
+                          reference=values.copy())
+        result = run_assay(data, AssayConfig(num_bootstrap=20), rng=np.random.default_rng(0))
+        notes = [n for n in result.notes if "skewed" in n]
+        assert bool(notes) is flagged, result.notes
+        assert result.estimate["r1_empirical"][0, 0] == pytest.approx(0.0, abs=1e-9)
+        if flagged:
+            assert f"skewness {stats.skew(values[0].ravel()):.2f}" in notes[0]
