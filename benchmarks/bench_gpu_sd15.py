@@ -2,7 +2,7 @@
 
 A Stable-Diffusion-1.5-architecture model (UNet2DConditionModel, AutoencoderKL, CLIPTextModel from the
 published configs written out below, random weights, nothing downloaded; the offline byte-level CLIP
-tokenizer of chain.models) is measured with the paper's settings (Appendix A, Table 1; REFERENCE.md): 512 x 512
+tokenizer of chain.models) is measured with the paper's settings (Appendix A, Table 1): 512 x 512
 images (64 x 64 latents), batch 6, LoRA rank 32 / alpha 8 on UNet and text encoder, bf16 (or fp16) weights
 with float32 LoRA weights, min-SNR gamma 5, clip skip 2.
 
@@ -22,7 +22,7 @@ Generation (images/s, peak GPU memory over the timed batches), 30 Euler-ancestra
 both on the same modules: the finetuned model exactly as chain.finetune returns it and the chain generates
 with it (LoRA attached in float32, accelerate's mixed-precision forward wrapper kept, VAE in float32):
 - reference: StableDiffusionPipeline with the same modules and scheduler, given prompt embeddings computed
-  here with clip skip 2 (the pipeline's own clip_skip crashes on transformers 5, REFERENCE.md);
+  here with clip skip 2 (the pipeline's own clip_skip crashes on transformers 5);
 - ours: chain.sampling.generate, as the chain runs it, then cumulatively with the UNet in channels_last,
   with the LoRA merged into the weights (what generation would gain from merging; chain.run does not merge
   today), and, with --compile, torch.compile on top.
@@ -137,7 +137,7 @@ CONFIGS = {
     "tiny": (TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG),
 }
 
-# The paper's LoRA targets (REFERENCE.md), written out here rather than imported, so that the reference
+# The paper's LoRA targets (Table 1), written out here rather than imported, so that the reference
 # adapts its modules independently of chain.lora.
 REFERENCE_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 REFERENCE_TEXT_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",

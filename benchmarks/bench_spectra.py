@@ -1,5 +1,5 @@
 """Throughput of the power-spectrum phenotype: chain.spectra.measure_spectra / measure_folder against a plain
-per-image numpy loop written from the definition (DESIGN.md "The phenotype"), from memory and from PNG files.
+per-image numpy loop written from the definition (docs/phenotype.md), from memory and from PNG files.
 
 The baseline is what one writes first: numpy.fft.fft2 per image, then one boolean mask per ring and per
 sector (as Corvi et al.'s get_spectrum / get_spectrum_angular do), the grids precomputed once. Both sides

@@ -1,6 +1,6 @@
 """Configuration of a chain run: frozen dataclasses read from (and written back to) TOML.
 
-Defaults are the paper's recipe (Appendix A, Table 1; kohya sd-scripts semantics, REFERENCE.md). A config
+Defaults are the paper's recipe (Appendix A, Table 1; kohya sd-scripts semantics). A config
 file names tables `[run]`, `[data]`, `[model]`, `[finetune]`, `[sampling]`, `[metrics]` and an array
 `[[conditions]]`; every key is checked: an unknown key, a missing required key or a value of the wrong type
 raises ConfigError naming the file and the field.

@@ -1,5 +1,4 @@
-"""Image features for the perceptual metrics (Section 3.1, Appendix E.5; REFERENCE.md "Metrics as the
-references compute them").
+"""Image features for the perceptual metrics (Section 3.1, Appendix E.5).
 
 The reference feature is dgm-eval's FD-DINOv2 feature: DINOv2 ViT-L/14, CLS token after the final layer norm
 (transformers `Dinov2Model(...).pooler_output`, 1024-d for `facebook/dinov2-large`), computed on the whole

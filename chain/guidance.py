@@ -1,4 +1,4 @@
-"""Classifier-free guidance scale schedules (REFERENCE.md "Generation").
+"""Classifier-free guidance scale schedules.
 
 A schedule is a small frozen dataclass with one method, `scale(step, num_steps, sigma)`, giving the CFG
 scale s used at sampling step `step` (0-based, `num_steps` steps in all, current noise level `sigma`):

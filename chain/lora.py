@@ -1,4 +1,4 @@
-"""LoRA adapters on the UNet and the text encoder (peft), saving and loading (REFERENCE.md).
+"""LoRA adapters on the UNet and the text encoder (peft), saving and loading.
 
 Adapters: rank r, alpha a (scale a / r), A kaiming-uniform (a = sqrt 5) and B zero, peft's default, which
 matches kohya. The text-encoder adapter is attached with `peft.inject_adapter_in_model` (transformers >= 5.24

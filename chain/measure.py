@@ -30,7 +30,7 @@ class Measurements:
 
 
 def measure(images: torch.Tensor, *, encoder=None, batch_size: int = 32, tau: float = 0.02) -> Measurements:
-    """Phenotype and spectra of every image (chain.spectra, DESIGN.md "The phenotype"), features if an
+    """Phenotype and spectra of every image (chain.spectra, docs/phenotype.md), features if an
     encoder is given. The spectra are means over images."""
     from chain.spectra import measure_spectra, prepare_for_spectrum
 

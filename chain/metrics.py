@@ -1,5 +1,4 @@
-"""The paper's image-set metrics in numpy float64 (Section 3.1, Appendix E.5; REFERENCE.md "Metrics as the
-references compute them").
+"""The paper's image-set metrics in numpy float64 (Section 3.1, Appendix E.5).
 
 - `frechet_distance`: FD = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), means and covariances (N - 1)
   in float64, tr sqrt(S1 S2) = sum_i sqrt(lambda_i(sqrt(S1) S2 sqrt(S1))) by two symmetric

@@ -82,7 +82,7 @@ class BaseModel:
 
 def byte_level_vocab() -> dict[str, int]:
     """CLIP's byte-level base vocabulary: the 256 byte characters, with and without '</w>', plus
-    <|startoftext|> and <|endoftext|> (REFERENCE.md, "Tiny models"). No merges: one token per byte."""
+    <|startoftext|> and <|endoftext|>. No merges: one token per byte."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
@@ -113,7 +113,7 @@ def make_tiny_base_model(config: TinyModelConfig = TinyModelConfig(), *, resolut
     """A tiny random SD-style model from configs (tests, CPU examples).
 
     Attention sits only in the lowest-resolution UNet block and the mid block, with one head of dimension
-    `attention_head_dim` (REFERENCE.md: few heads, attention at low resolution, SDPA). The weights are drawn
+    `attention_head_dim` (few heads, attention at low resolution, SDPA). The weights are drawn
     from torch's generator seeded with `config.seed` inside a forked RNG state, so the caller's global RNG is
     untouched and the same config always gives the same model.
     """

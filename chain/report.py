@@ -1,4 +1,4 @@
-"""Figures and a summary of a chain run directory (the results contract of DESIGN.md).
+"""Figures and a summary of a chain run directory (the results contract, docs/results-contract.md).
 
 Works on any run directory, toy or Stable Diffusion: it reads `metrics.nc`, the images under
 `images/<condition>/<iteration>/` and the original images named by `config.toml`. Every figure is a pure

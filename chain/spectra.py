@@ -1,4 +1,4 @@
-"""The power-spectrum phenotype of an image (DESIGN.md "The phenotype"; Eq. 13-15 and Appendix G.3 of the
+"""The power-spectrum phenotype of an image (docs/phenotype.md; Eq. 13-15 and Appendix G.3 of the
 paper, after Corvi et al. 2023).
 
 Per image x (C channels, H x W pixels, float):
@@ -54,7 +54,7 @@ ANGULAR_MIN_RADIUS = 0.1
 CPU_CHUNK = 8  # images per FFT on a CPU (cache-sized); a GPU takes the whole batch at once
 
 def phenotype_attrs(tau: float = HF_THRESHOLD) -> dict[str, str | float | int]:
-    """The definition and parameters of the phenotype for dataset attrs (DESIGN.md \"The phenotype\")."""
+    """The definition and parameters of the phenotype for dataset attrs (docs/phenotype.md)."""
     return {
         "phenotype": (
             "hf_power: fraction of the image's normalised spectral energy at radial frequency r > tau "

@@ -1,4 +1,4 @@
-"""Prompt embeddings with CLIP skip, computed by hand (REFERENCE.md, "Versions and their traps").
+"""Prompt embeddings with CLIP skip, computed by hand.
 
 transformers >= 5.6 flattened CLIPTextModel (no `.text_model`), and diffusers' pipeline `clip_skip` crashes on
 it; kohya computes the embeddings itself, for the conditional and the empty prompt alike:

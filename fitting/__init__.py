@@ -1,4 +1,4 @@
-"""Inference of selection from chain data: `qtm fit` (MODEL.md section 6; DESIGN.md "The results contract").
+"""Inference of selection from chain data: `qtm fit` (docs/model.md section 6; docs/results-contract.md).
 
 Modules: `observations` (read and validate a results dataset), `model` (parameters, transforms, objective),
 `optimize` (multi-start L-BFGS-B), `uncertainty` (Laplace, profile, bootstrap, identifiability), `forecast`

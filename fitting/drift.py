@@ -1,4 +1,4 @@
-"""Chain-aware observation model: the finite chain's own random drift in the likelihood (MODEL.md section 5).
+"""Chain-aware observation model: the finite chain's own random drift in the likelihood (docs/model.md section 5).
 
 The covariance of the per-iteration statistics of one condition, Sigma, is `qtm.finite_population`
 (its docstring derives it; it sits next to the Monte Carlo it must match). This module turns it into the

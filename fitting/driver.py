@@ -104,7 +104,7 @@ class FitResult:
 
 def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key: jax.Array,
                      progress: Callable[[str, int], Callable[[], None]] | None = None) -> FitResult:
-    """Fit qtm's recursion to `obs` (MODEL.md section 6): multi-start optimization, intervals, bands,
+    """Fit qtm's recursion to `obs` (docs/model.md section 6): multi-start optimization, intervals, bands,
     goodness of fit and, with `config.train_iterations`, a forecast of the held-out iterations.
 
     `progress(description, total)` may return a callback advanced once per unit of work.

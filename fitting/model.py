@@ -1,6 +1,6 @@
 """The statistical model of the fit: parameters, their unconstrained form, and the objective.
 
-Model (MODEL.md sections 3 and 6): every condition c follows qtm's moment recursion
+Model (docs/model.md sections 3 and 6): every condition c follows qtm's moment recursion
 (`qtm.recursion.trajectory`) with its own selection (r1_c, r2_c, optionally tail_rate_c and sigma_mut_c) and
 the shared starting point and environment (mu0, sigma_g0, sigma_env: iteration 0 is the same real data).
 The phenotypes of the n images of condition c at iteration k are draws with mean mu_{c,k} and variance
@@ -21,7 +21,7 @@ cells (iteration 0 once), this equals the Gaussian log-likelihood of the individ
 constant free of the parameters, so AIC and BIC differences are those of the per-image model.
 
 With `ModelSpec(drift=True)` the cells of iterations >= 1 are no longer independent: the chain's own
-finite-population drift (MODEL.md section 5) makes each condition's per-iteration (xbar, s^2) jointly normal
+finite-population drift (docs/model.md section 5) makes each condition's per-iteration (xbar, s^2) jointly normal
 with the covariance of `fitting.drift` (iteration 0 keeps the term above).
 
 Objective `least-squares`: 0.5 sum_cells ((xbar - mu_k) / s_ref)^2, the paper's visual fit to the means
@@ -70,8 +70,8 @@ class ModelSpec:
 
     Attributes:
         selection: "hard" (tail_rate = inf, Eq. 7-8) or "soft" (finite tail_rate, Appendix D.2.3).
-        mutation: "none" (sigma_mut = 0), "paper" (Eq. 16) or "additive" (MODEL.md section 3).
-        variance: observed phenotype variance is V_G ("genetic", MODEL.md section 6) or V_P ("phenotype").
+        mutation: "none" (sigma_mut = 0), "paper" (Eq. 16) or "additive" (docs/model.md section 3).
+        variance: observed phenotype variance is V_G ("genetic", docs/model.md section 6) or V_P ("phenotype").
         objective: "likelihood" or "least-squares" (module docstring).
         free: names of the free parameters; None = r1, r2, mu0, sigma_g0, sigma_env, plus sigma_mut
             (mutation paper/additive). tail_rate is not free by default even with soft selection: the

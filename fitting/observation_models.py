@@ -1,4 +1,4 @@
-"""How the measured cells meet the recursion (MODEL.md section 6): one object per observation model.
+"""How the measured cells meet the recursion (docs/model.md section 6): one object per observation model.
 
 `IndependentDraws` (the default): the n images of iteration k are independent draws around the
 recursion's trajectory, so every cell contributes its exact term `fitting.model.cell_nll` (xbar normal,

@@ -1,6 +1,6 @@
 """Observations for the fit: per condition and iteration, the sufficient statistics of the phenotype.
 
-Reads the results contract (qtmio.contract; DESIGN.md "The results contract"): a run directory holding
+Reads the results contract (qtmio.contract; docs/results-contract.md): a run directory holding
 `metrics.nc`, or a netCDF file, with either the per-image phenotype `hf_power` (condition, iteration, image;
 NaN = not produced) or the summary-only trio `hf_power_mean`, `hf_power_std`, `num_images` (condition,
 iteration). Only those variables, the coordinates `condition` and `iteration` and the attribute
@@ -12,7 +12,7 @@ The fit needs only the sufficient statistics of each (condition, iteration) cell
 their mean and their sample variance s^2 (ddof = 1). `hf_power_std` of the summary form is read as that sample
 standard deviation (ddof = 1) unless the variable carries the attribute `ddof = 0`.
 
-Iteration 0 (the original images D_0) is the same real data for every condition (MODEL.md section 6), so it
+Iteration 0 (the original images D_0) is the same real data for every condition (docs/model.md section 6), so it
 enters the likelihood once: conditions whose iteration-0 statistics coincide are merged, and distinct ones
 (e.g. different subsets of D_0) are pooled as one sample.
 
@@ -119,7 +119,7 @@ class CellStatistics:
 
 
 def cell_statistics(obs: Observations) -> CellStatistics:
-    """Flatten `obs` into independent cells; iteration 0 enters once (MODEL.md section 6).
+    """Flatten `obs` into independent cells; iteration 0 enters once (docs/model.md section 6).
 
     Iteration 0 of all conditions is merged: identical statistics count once, distinct ones are pooled
     (pooled n, mean, and ddof-1 variance of the union of the samples).
@@ -279,7 +279,7 @@ def _drop_unfinished(obs: Observations) -> Observations:
     """Leave out the conditions of a run still in progress that have no iteration >= 1 yet.
 
     The chain runs every iteration of one condition before the next, so the last conditions may hold
-    only iteration 0 (the shared D_0, MODEL.md section 6): they carry no information on their own
+    only iteration 0 (the shared D_0, docs/model.md section 6): they carry no information on their own
     selection. They are dropped with a note (it reaches the fit's warnings); `_check_content` has
     already made sure that some condition has an iteration >= 1.
     """

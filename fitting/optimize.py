@@ -2,7 +2,7 @@
 
 Starts are drawn at random (with a data-driven first start), all candidates are screened by one vmapped
 evaluation of the objective, and the best `num_starts` are refined by scipy's L-BFGS-B with the exact JAX
-gradient (compiled once per problem shape; REFERENCE.md measured 0.7 s per fit this way, against 8-14 s for
+gradient (compiled once per problem shape; 0.7 s per fit measured this way on a 2-core CPU, against 8-14 s for
 the JAX-native optimizers, mostly compilation). Each start returns a status instead of raising: a start that
 meets a non-finite objective or fails inside the optimizer is recorded as failed and the others go on.
 """

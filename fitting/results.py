@@ -129,7 +129,7 @@ def to_dataset(result: FitResult, *, seed: int | None = None, comparison: list[d
     )
     attrs: dict[str, Any] = {"fit_schema_version": FIT_SCHEMA_VERSION, "source": result.observations.source,
                              "description": "qtm fit: qtm's moment recursion fitted to per-iteration phenotypes "
-                                            "(MODEL.md section 6)"}
+                                            "(docs/model.md section 6)"}
     attrs.update(provenance(PACKAGES, seed=seed, command=command))
     attrs.update(result.config.to_attrs())
     for key, value in result.information.items():

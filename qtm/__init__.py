@@ -1,4 +1,4 @@
-"""qtm: the quantitative-trait theory of model collapse (MODEL.md sections 1-5), in JAX float64.
+"""qtm: the quantitative-trait theory of model collapse (docs/model.md sections 1-5), in JAX float64.
 
 Public API (imported lazily, so that `import qtm` alone, e.g. for the CLI helpers, stays cheap):
 

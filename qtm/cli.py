@@ -30,7 +30,7 @@ app.add_typer(chain_app, name="chain")
 @app.callback()
 def _main() -> None:
     """Theory (simulate), experiment (chain, spectra), inference (fit), reports (report, demo)."""
-    # The theory and fitting code work in float64 (REFERENCE.md: float32 loses the far tails).
+    # The theory and fitting code work in float64 (float32 loses the far tails).
     import jax
 
     jax.config.update("jax_enable_x64", True)

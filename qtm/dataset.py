@@ -21,7 +21,7 @@ from qtmio.contract import SCHEMA_VERSION
 from qtmio.netcdf import netcdf_attrs
 
 VARIABLE_ATTRS: dict[str, dict[str, str]] = {
-    "mean": {"long_name": "phenotype mean", "definition": "mu_t (MODEL.md section 3)"},
+    "mean": {"long_name": "phenotype mean", "definition": "mu_t (docs/model.md section 3)"},
     "var_genetic": {"long_name": "additive genetic variance", "definition": "V_G,t"},
     "var_phenotype": {"long_name": "phenotypic variance", "definition": "V_P,t = V_G,t + V_E"},
     "heritability": {"long_name": "heritability",
@@ -69,7 +69,7 @@ def trajectory_dataset(params: TraitParams, trajectory: Any, *,
     ds = xr.Dataset(
         {name: (("iteration",), v, VARIABLE_ATTRS[name]) for name, v in values.items()},
         coords={"iteration": ("iteration", np.arange(k1), {"long_name": "iteration of the chain"})},
-        attrs=_attrs(params, "moment recursion (MODEL.md section 3)", attrs),
+        attrs=_attrs(params, "moment recursion (docs/model.md section 3)", attrs),
     )
     return ds
 
@@ -103,7 +103,7 @@ def population_dataset(params: TraitParams, population_trajectory: Any, *,
             "replicate": ("replicate", np.arange(mean.shape[0]), {"long_name": "independent replicate chain"}),
             "iteration": ("iteration", np.arange(mean.shape[1]), {"long_name": "iteration of the chain"}),
         },
-        attrs=_attrs(params, "finite-population Monte Carlo (MODEL.md section 5)", attrs),
+        attrs=_attrs(params, "finite-population Monte Carlo (docs/model.md section 5)", attrs),
     )
     return ds
 

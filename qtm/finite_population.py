@@ -1,4 +1,4 @@
-"""Finite-population covariance of a chain: the first-order law of its random drift (MODEL.md section 5).
+"""Finite-population covariance of a chain: the first-order law of its random drift (docs/model.md section 5).
 
 This is the analytic counterpart of `qtm.montecarlo` (tests/test_fit_drift.py checks it against the
 Monte Carlo's replicates); `fitting.drift` turns it into a likelihood.
@@ -32,7 +32,7 @@ M_k(a, b) = int_a^b z^k phi = (k - 1) M_{k-2} + a^{k-1} phi(a) - b^{k-1} phi(b) 
 T^-_0 = r1, T^-_1 = -phi(a), T^-_2 = r1 - a phi(a), T^+_0 = r2, T^+_1 = phi(b), T^+_2 = r2 + b phi(b).
 (Q_AB = 1 / N since E[z W] = Z.)
 
-Propagation. The chain's next state (qtm.montecarlo, MODEL.md section 5) is
+Propagation. The chain's next state (qtm.montecarlo, docs/model.md section 5) is
 mu' = xbar + h2 (mean(selected) - xbar), V' = var(selected) [+ V_M], i.e.
 
     mu_{k+1} = f_mu(mu_k, V_k) + s (1 - h2) A_k + h2 s B_k,      V_{k+1} = f_V(mu_k, V_k) + V_P C_k,

@@ -1,14 +1,14 @@
-"""The finite-population Monte Carlo (MODEL.md section 5).
+"""The finite-population Monte Carlo (docs/model.md section 5).
 
 Each replicate runs a chain of N individuals. At iteration t, from the state (mu_t, V_G,t):
 
-1. draw N phenotypes x ~ N(mu_t, V_P,t), V_P,t = V_G,t + V_E (MODEL.md draws genetic values
+1. draw N phenotypes x ~ N(mu_t, V_P,t), V_P,t = V_G,t + V_E (docs/model.md draws genetic values
    g ~ N(mu_t, V_G,t) and adds N(0, V_E) noise; x has exactly this law, and the next state depends on x
    only, so g is drawn, from its conditional law given x, only when `return_individuals=True`; the
    trajectory is then the same as without it);
 2. select: hard (tail_rate = inf) keeps the individuals between the empirical r1 and 1 - r2 quantiles,
    i.e. drops the round(r1 N) smallest and the round(r2 N) largest; soft keeps each individual with
-   probability w(z) (MODEL.md section 2), z = (x - mean(x)) / std(x) standardized by the sample;
+   probability w(z) (docs/model.md section 2), z = (x - mean(x)) / std(x) standardized by the sample;
 3. estimate the next state from the selected sample as in section 3, with the realized selection
    differential S = mean(selected) - mean(x) and the model's heritability h2_t (Eq. 5/16 in `paper`
    mode, V_G / V_P in `additive` mode):
@@ -135,7 +135,7 @@ def _materialize(make: Callable[[], jax.Array], anchor: jax.Array) -> jax.Array:
 
 
 def _soft_weight(z: jax.Array, a: jax.Array, b: jax.Array, lam: jax.Array) -> jax.Array:
-    """w(z) of MODEL.md section 2 (a = -inf / b = +inf allowed)."""
+    """w(z) of docs/model.md section 2 (a = -inf / b = +inf allowed)."""
     below = jnp.where(z < a, lam * (a - z), 0.0)
     above = jnp.where(z > b, lam * (z - b), 0.0)
     return jnp.exp(-(below + above))
@@ -177,7 +177,7 @@ def _iteration(mu, var_genetic, params: TraitParams, key, population: int, ddof:
     individuals = None
     if want_individuals:
         # g | x ~ N(mu + (V_G / V_P)(x - mu), V_G V_E / V_P): with x ~ N(mu, V_P) this makes g ~ N(mu, V_G)
-        # and x - g ~ N(0, V_E) independent of g, as MODEL.md section 5 draws them.
+        # and x - g ~ N(0, V_E) independent of g, as docs/model.md section 5 draws them.
         ratio = var_genetic / var_phenotype
         g = mu + ratio * (x - mu) + jnp.sqrt(ratio * var_env) * jax.random.normal(key_g, (n,), jnp.float64)
         individuals = (x, g)
@@ -238,7 +238,7 @@ def simulate_population(params: TraitParams, num_iterations: int, *, population:
                         key: jax.Array, return_individuals: bool = False, ddof: int = 0,
                         ) -> PopulationTrajectory:
     """Run `replicates` independent finite-population chains of `population` individuals for
-    `num_iterations` iterations (module docstring; MODEL.md section 5). Replicates are vmapped; the
+    `num_iterations` iterations (module docstring; docs/model.md section 5). Replicates are vmapped; the
     iterations run in `jax.lax.scan`; the whole is jit-compiled (sizes static).
 
     Hard or soft selection follows `params.tail_rate` (inf = hard), which must therefore be concrete.

@@ -1,4 +1,4 @@
-"""The mutation law: how V_M = sigma_M^2 enters one iteration (MODEL.md section 3), in one place.
+"""The mutation law: how V_M = sigma_M^2 enters one iteration (docs/model.md section 3), in one place.
 
 Two modes (`qtm.params.MUTATION_MODES`):
 

@@ -1,4 +1,4 @@
-"""Parameters of the quantitative-trait model (MODEL.md section 1).
+"""Parameters of the quantitative-trait model (docs/model.md section 1).
 
 `TraitParams` is a frozen dataclass registered as a JAX pytree: the seven float fields are leaves (so
 `jax.vmap`, `jax.grad` and `jax.jit` see them), `mutation_mode` is static auxiliary data (a change of mode
@@ -18,7 +18,7 @@ from qtm.errors import ParameterError
 
 MUTATION_MODES = ("paper", "additive")
 """`paper`: Eq. 16, mutation only lowers the heritability h2 = V_G / (V_P + V_M).
-`additive`: mutation adds V_M to the next genetic variance, V_G,t+1 = V_P,t v_sel + V_M (MODEL.md section 3)."""
+`additive`: mutation adds V_M to the next genetic variance, V_G,t+1 = V_P,t v_sel + V_M (docs/model.md section 3)."""
 
 PARAM_NAMES = ("r1", "r2", "tail_rate", "sigma_mut", "mu0", "sigma_g0", "sigma_env")
 """The float fields of `TraitParams`, in pytree-leaf order."""
@@ -26,7 +26,7 @@ PARAM_NAMES = ("r1", "r2", "tail_rate", "sigma_mut", "mu0", "sigma_g0", "sigma_e
 
 @dataclasses.dataclass(frozen=True)
 class TraitParams:
-    """One setting of the trait model (MODEL.md sections 1-3).
+    """One setting of the trait model (docs/model.md sections 1-3).
 
     Attributes:
         r1: fraction truncated from the left (low) tail of the phenotype, 0 <= r1 < 1.
@@ -96,7 +96,7 @@ jax.tree_util.register_dataclass(TraitParams, data_fields=list(PARAM_NAMES), met
 
 
 def require_x64() -> None:
-    """Raise RuntimeError unless JAX runs in float64 (REFERENCE.md: float32 loses the far tails).
+    """Raise RuntimeError unless JAX runs in float64 (float32 loses the far tails).
 
     Library code never switches it on; the `qtm` CLI and tests/conftest.py do, and a script calls
     `jax.config.update("jax_enable_x64", True)` before using qtm.

@@ -1,4 +1,4 @@
-"""The deterministic moment recursion of the trait (MODEL.md section 3; Eq. 5, 6, 9, 11, 16).
+"""The deterministic moment recursion of the trait (docs/model.md section 3; Eq. 5, 6, 9, 11, 16).
 
 One iteration, from the state (mu_t, V_G,t):
 

@@ -1,4 +1,4 @@
-"""Moments of the selected phenotypes, standardized (MODEL.md section 2; Eq. 7-8, Appendix D.2.3).
+"""Moments of the selected phenotypes, standardized (docs/model.md section 2; Eq. 7-8, Appendix D.2.3).
 
 With z = (x - mu_t) / sqrt(V_P,t) ~ N(0, 1), selection keeps z with weight w(z): 1 inside the window
 [a, b], a = Phi^-1(r1), b = Phi^-1(1 - r2), and exp(-lambda * distance) outside it (lambda = `tail_rate`;
@@ -7,7 +7,7 @@ selected z.
 
 Numerics (float64). a = ndtri(r1) and b = -ndtri(r2) (not ndtri(1 - r2), which loses digits at tiny r2);
 Z = Phi(b) - Phi(a) is taken as 1 - r1 - r2 exactly. A soft tail is written through the Mills ratio
-R(x) = (1 - Phi(x)) / phi(x): the identity phi(z) e^{lambda z} = e^{lambda^2 / 2} phi(z - lambda) of MODEL.md
+R(x) = (1 - Phi(x)) / phi(x): the identity phi(z) e^{lambda z} = e^{lambda^2 / 2} phi(z - lambda) of docs/model.md
 turns the left tail's mass e^{-lambda a + lambda^2/2} Phi(a - lambda) into phi(a) R(lambda - a), so no
 e^{lambda^2/2} is ever formed. R is evaluated as exp(log_ndtr(-x) - log phi(x)) for x < 0 and through
 erfcx for 0 <= x < 30 (both exact in float64), and by its asymptotic series in u = 1/x for x >= 30, where
@@ -45,7 +45,7 @@ def normal_pdf(z: jax.Array) -> jax.Array:
 
 
 def selection_window(r1, r2) -> tuple[jax.Array, jax.Array]:
-    """The edges (a, b) of the selection window in standardized units (MODEL.md section 2), float64:
+    """The edges (a, b) of the selection window in standardized units (docs/model.md section 2), float64:
 
         a = Phi^-1(r1)   (-inf when r1 = 0),      b = Phi^-1(1 - r2) = -Phi^-1(r2)   (+inf when r2 = 0).
 
@@ -97,7 +97,7 @@ def _mills_and_g(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _left_tail(a: jax.Array, phi_a: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Raw moments (mass, first, second) of phi(z) exp(-lam (a - z)) over z < a (MODEL.md section 2).
+    """Raw moments (mass, first, second) of phi(z) exp(-lam (a - z)) over z < a (docs/model.md section 2).
 
     mass = e^{-lam a + lam^2/2} Phi(c), c = a - lam, = phi(a) R(x) with x = lam - a;
     first = e^{..} (lam Phi(c) - phi(c)) = phi(a) (g(x) + a R(x));
@@ -116,7 +116,7 @@ def hard_moments(r1, r2) -> tuple[jax.Array, jax.Array]:
 
 
 def selection_moments(r1, r2, tail_rate) -> tuple[jax.Array, jax.Array]:
-    """Standardized mean and variance (m_sel, v_sel) of the selected phenotypes (MODEL.md section 2).
+    """Standardized mean and variance (m_sel, v_sel) of the selected phenotypes (docs/model.md section 2).
 
     tail_rate = inf gives the truncated normal of Eq. 7-8 exactly; a finite tail_rate > 0 gives the soft
     exponential tails of Appendix D.2.3 in closed form (window moments plus the two tails' moments, over

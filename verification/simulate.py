@@ -1,4 +1,4 @@
-"""Data with known parameters for the coverage studies (MODEL.md sections 5 and 6).
+"""Data with known parameters for the coverage studies (docs/model.md sections 5 and 6).
 
 `independent_draws`: the n images of iteration k are independent Gaussian draws with the recursion's mean
 and V_G,k (the observation model of `fitting.observation_models.IndependentDraws`).
@@ -8,7 +8,7 @@ condition starts from ONE iteration-0 sample D_0, as a real chain does: iteratio
 simulated once per condition with the same random key (the draws of iteration 0 depend on the key and the
 shared mu0, sigma_g0, sigma_env only, so every condition selects from the same D_0); each condition then
 continues from its realized state (mu_1, V_G,1) with its own key. All N images of every iteration are
-measured (their genetic values, MODEL.md section 6).
+measured (their genetic values, docs/model.md section 6).
 """
 
 from __future__ import annotations

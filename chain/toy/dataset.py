@@ -1,9 +1,9 @@
-"""Procedural captioned images of the embedded toy world (DESIGN.md "The whole in one picture": D_0).
+"""Procedural captioned images of the embedded toy world (D_0 of the Chain of Diffusion).
 
 Each image shows one shape of one named colour, optionally textured (stripes, checks or dots at several
 spatial periods), on a background of another named colour that may itself be textured. The caption names
 what is drawn, e.g. ``"a red circle with fine vertical stripes on a blue background"``. Textures at periods
-from 2 to 8 pixels make the high-frequency power of the phenotype (DESIGN.md "The phenotype") vary widely
+from 2 to 8 pixels make the high-frequency power of the phenotype (docs/phenotype.md) vary widely
 from image to image.
 
 Two distributions share one renderer:

@@ -1,7 +1,7 @@
 """The toy base model M_0: a pixel-space diffusers UNet, a small CLIP text encoder, the toy tokenizer.
 
-Pixel space (no ``vae/``): the UNet denoises RGB images scaled to [-1, 1] directly (DESIGN.md, chain engine
-contract). The prompt embedding is CLIP skip 2 (REFERENCE.md "Versions and their traps"): hidden state [-2]
+Pixel space (no ``vae/``): the UNet denoises RGB images scaled to [-1, 1] directly (docs/results-contract.md, chain engine
+contract). The prompt embedding is CLIP skip 2: hidden state [-2]
 of the text encoder, then its final layer norm, for the conditional and the empty prompt alike, computed by
 chain.text with ``clip_skip=CLIP_SKIP``. Images come from the chain's own sampler (chain.sampling);
 ``sample_images`` only fills in the toy model's settings.
@@ -40,7 +40,7 @@ def toy_base_model_dir() -> Path:
 @dataclasses.dataclass(frozen=True)
 class ToyModelConfig:
     """Architecture of the toy base model. Cross-attention only in the low-resolution blocks, one attention
-    head of the block width (REFERENCE.md "Tiny models for CPU tests": this is what makes CPU training cheap).
+    head of the block width (this is what makes CPU training cheap).
     """
 
     resolution: int = 32

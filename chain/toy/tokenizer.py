@@ -2,8 +2,7 @@
 
 Every word of the toy vocabulary becomes one token, so the small text encoder does not have to assemble words
 from characters. The files are the standard CLIP pair (``vocab.json``, ``merges.txt``), so
-``transformers.CLIPTokenizer.from_pretrained(folder)`` loads them like any Stable Diffusion tokenizer
-(REFERENCE.md "Tiny models for CPU tests").
+``transformers.CLIPTokenizer.from_pretrained(folder)`` loads them like any Stable Diffusion tokenizer.
 """
 
 from __future__ import annotations

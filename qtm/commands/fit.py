@@ -1,4 +1,4 @@
-"""`qtm fit`: infer per-condition selection (r1, r2, ...) from a results dataset (MODEL.md section 6).
+"""`qtm fit`: infer per-condition selection (r1, r2, ...) from a results dataset (docs/model.md section 6).
 
 The command builds a FitConfig, calls `fitting.driver.fit_observations`, and writes what was asked for:
 a table on the terminal (or `--json`), `--out fit.nc`, `--plot fit.png`. Heavy imports happen inside.

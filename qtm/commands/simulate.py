@@ -1,4 +1,4 @@
-"""`qtm simulate`: the trait model's trajectory (MODEL.md section 3) and, with --population, the
+"""`qtm simulate`: the trait model's trajectory (docs/model.md section 3) and, with --population, the
 finite-population Monte Carlo (section 5). A thin shell: build `TraitParams`, call qtm, print, write.
 Never imports torch."""
 

@@ -1,4 +1,4 @@
-"""`qtm spectra DIR`: the power-spectrum phenotype of every image in a folder (DESIGN.md "The phenotype").
+"""`qtm spectra DIR`: the power-spectrum phenotype of every image in a folder (docs/phenotype.md).
 
 A thin shell around chain.spectra.measure_folder: check the arguments, measure (streaming, in batches),
 print a summary or JSON, optionally write the per-image dataset (.nc) and a plot (chain.spectra.plot_folder).
