@@ -77,6 +77,7 @@ def run_pilot(config: ChainConfig, out_dir: str | Path, *, scales: Sequence[floa
     from accelerate import Accelerator
 
     from chain.data import load_captioned_folder
+    from chain.inputs import prepare_data
     from chain.finetune import finetune
     from chain.guidance import Constant
     from chain.measure import measure
@@ -93,7 +94,7 @@ def run_pilot(config: ChainConfig, out_dir: str | Path, *, scales: Sequence[floa
         device = "cuda" if torch.cuda.is_available() else "cpu"
     accelerator = Accelerator(mixed_precision=config.finetune.mixed_precision, cpu=device == "cpu")
     originals = load_captioned_folder(
-        config.data.path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
+        prepare_data(config, out_dir), resolution=config.data.resolution, caption_extension=config.data.caption_extension,
         format=config.data.format, center_crop=config.data.center_crop, max_images=config.data.max_images,
     )
     base = resolve_base_model(config, out_dir)

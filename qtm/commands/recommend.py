@@ -167,13 +167,10 @@ def cost_summary(cfg, pilot, *, num_iterations: int, images: int) -> dict[str, A
     """The pilot's measured cost against the chain it replaces (one condition per scale, K iterations, the
     config's images per iteration and finetuning recipe), and the same comparison for the paper's SD1.5
     recipe from published GPU anchors."""
-    from chain.data import load_captioned_folder
     from chain.finetune import num_training_steps
     from fitting.recommend import chain_cost, estimated_seconds
 
-    n0 = len(load_captioned_folder(cfg.data.path, resolution=cfg.data.resolution,
-                                   caption_extension=cfg.data.caption_extension, format=cfg.data.format,
-                                   center_crop=cfg.data.center_crop, max_images=cfg.data.max_images).captions)
+    n0 = len(pilot.originals)  # D_0's images, as the pilot read and measured them
     per_iteration = n0 * cfg.sampling.images_per_prompt
     samples = num_training_steps(per_iteration, cfg.finetune) * cfg.finetune.batch_size
     chain = chain_cost(num_conditions=len(pilot.scales), num_iterations=num_iterations,
