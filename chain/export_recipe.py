@@ -12,8 +12,10 @@ prompts, seeds, guidance per step, CLIP skip, steps, resolution, batches (docs/e
 or from a shell: `python regenerate.py FOLDER 0 1 2 --out images/` (8-bit PNGs named like the run's).
 
 What the recipe does and why (each step is what the chain's sampler does):
-- The scheduler is EulerAncestralDiscreteScheduler (saved in scheduler/), one CPU torch.Generator per image
-  seeded by `image_seed` (SHA-256 of "run_seed/condition/iteration/image/sample", low 63 bits).
+- The scheduler is EulerAncestralDiscreteScheduler on the base model's noise schedule exactly as recorded
+  (export["scheduler"]["config"]; the pipeline's loader would change a steps_offset other than 1), with one
+  CPU torch.Generator per image seeded by `image_seed` (SHA-256 of "run_seed/condition/iteration/image/sample",
+  low 63 bits).
 - The LoRA is loaded with `load_lora_weights` at scale alpha / rank; the UNet's adapter is then fused into
   its weights and the UNet put in channels_last memory order, as the chain samples; the text encoder's
   adapter stays unfused.
@@ -53,7 +55,7 @@ def image_seed(run_seed: int, condition: str, iteration: int, image: int) -> int
 def load_pipeline(folder, device: str = "cpu"):
     """StableDiffusionPipeline from the export folder with the LoRA applied as the chain samples."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
     export = read_export(folder)
     sampling = export["sampling"]
@@ -63,6 +65,8 @@ def load_pipeline(folder, device: str = "cpu"):
         str(folder), dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra)
     if export["pixel_space"]:
         pipe.vae_scale_factor = 1
+    # the pipeline rewrites a scheduler's steps_offset to 1 when loading it; the chain uses the config as is
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(export["scheduler"]["config"])
     pipe.to(device)
     pipe.load_lora_weights(str(folder), weight_name=export["lora"]["diffusers"])
     if sampling["fuse_unet_lora"]:

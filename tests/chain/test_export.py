@@ -303,3 +303,24 @@ def test_regenerate_script_writes_the_runs_png_values(exported, tmp_path):
     for i in (4, 1):
         again = np.array(Image.open(tmp_path / "again" / f"{i:05d}.png").convert("RGB"))
         assert np.array_equal(again, _chain_png(run, i))
+
+
+def test_the_recipe_keeps_the_chains_noise_schedule(exported, tmp_path):
+    """A base model whose scheduler has steps_offset 0 ("leading" spacing): StableDiffusionPipeline's loader
+    rewrites it to 1; the recipe samples on the chain's timesteps all the same."""
+    from chain.sampling import sampling_scheduler
+
+    _, out = exported
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    export = json.loads((copy / "qtm_export.json").read_text())
+    config = dict(export["scheduler"]["config"], steps_offset=0, timestep_spacing="leading")
+    export["scheduler"]["config"] = config
+    (copy / "qtm_export.json").write_text(json.dumps(export))
+    saved = json.loads((copy / "scheduler" / "scheduler_config.json").read_text())
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(saved, steps_offset=0)))
+    pipe = _recipe_module(copy).load_pipeline(copy)
+    pipe.scheduler.set_timesteps(4)
+    want = sampling_scheduler(config, 4, "cpu").timesteps
+    assert torch.equal(pipe.scheduler.timesteps, want)
+    assert not torch.equal(sampling_scheduler(dict(config, steps_offset=1), 4, "cpu").timesteps, want)
