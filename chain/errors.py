@@ -37,3 +37,8 @@ class ModelLoadError(ChainError, ValueError):
 
 class RunError(ChainError, ValueError):
     """A run cannot start or continue; the message names the file and the fix."""
+
+
+class ExportError(ChainError, ValueError):
+    """A model of a run cannot be exported (chain.export); the message names the run, the cell or the folder
+    and the fix."""

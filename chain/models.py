@@ -177,32 +177,38 @@ def make_tiny_base_model(config: TinyModelConfig = TinyModelConfig(), *, resolut
 def save_base_model(model: BaseModel, folder: str | os.PathLike) -> Path:
     """Write a diffusers-format folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/,
     vae/ when latent), atomically: built in a temp folder next to it, then renamed into place."""
-    import diffusers
-    from diffusers import DDPMScheduler
-
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        model.unet.save_pretrained(tmp / "unet")
-        model.text_encoder.save_pretrained(tmp / "text_encoder")
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
-        DDPMScheduler.from_config(model.scheduler_config).save_pretrained(tmp / "scheduler")
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "vae": [None, None],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        }
-        if model.vae is not None:
-            model.vae.save_pretrained(tmp / "vae")
-            index["vae"] = ["diffusers", "AutoencoderKL"]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        write_model_folder(model, tmp)
     return folder
+
+
+def write_model_folder(model: BaseModel, folder: Path, *, scheduler_class: str = "DDPMScheduler") -> None:
+    """The files of a diffusers-format folder written into the existing folder `folder` (not atomic: callers
+    write into a temp folder), with the noise schedule saved as `scheduler_class` (a diffusers scheduler)."""
+    import diffusers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.unet.save_pretrained(folder / "unet")
+    model.text_encoder.save_pretrained(folder / "text_encoder")
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    getattr(diffusers, scheduler_class).from_config(model.scheduler_config).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler_class],
+        "vae": [None, None],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    if model.vae is not None:
+        model.vae.save_pretrained(folder / "vae")
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def _model_index(source: str) -> dict:
