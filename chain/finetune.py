@@ -111,7 +111,8 @@ def diffusion_loss(unet, text_encoder, scheduler, x0: torch.Tensor, noise: torch
                                                         clip_skip)
                 height, width = pixel_size
                 added = {"text_embeds": pooled, "time_ids": time_ids(height, width, len(x0), pooled.dtype).to(device)}
-        pred = unet(noisy.to(weight_dtype), t, embeddings, added_cond_kwargs=added).sample
+        extra = {} if added is None else {"added_cond_kwargs": added}
+        pred = unet(noisy.to(weight_dtype), t, embeddings, **extra).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     weights = min_snr_weights(scheduler.alphas_cumprod, timesteps, min_snr_gamma, prediction_type).to(device)
     return (per_sample * weights).mean()

@@ -101,6 +101,7 @@ def sample_latents(
         embeddings = torch.cat([batch(uncond_embeddings), batch(cond_embeddings)]).to(device)
         if cond_added is not None:
             added = {k: torch.cat([batch(uncond_added[k]), batch(v)]).to(device) for k, v in cond_added.items()}
+    extra = {} if added is None else {"added_cond_kwargs": added}
     passes = 2 if unconditional else 1
     scheduler = sampling_scheduler(scheduler_config, num_steps, device)
     gens = generator if b > 1 else generator[0]
@@ -114,7 +115,7 @@ def sample_latents(
     for i, t in enumerate(scheduler.timesteps):
         sigma = float(sigmas[i])
         model_input = scheduler.scale_model_input(torch.cat([latents] * passes), t)
-        pred = unet(model_input, t, encoder_hidden_states=embeddings, added_cond_kwargs=added, return_dict=False)[0]
+        pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **extra)[0]
         scale = schedule.scale(i, len(scheduler.timesteps), sigma)
         scales[i] = scale
         if unconditional:

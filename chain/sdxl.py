@@ -1,9 +1,9 @@
-"""SDXL (Appendix C.11 of the paper): two text encoders and the added conditioning (docs/sdxl.md).
+"""SDXL (Appendix C.11 of the paper): two text encoders and the added conditioning (docs/sdxl.md, Eq. S1-S3).
 
 An SDXL UNet is conditioned on three things instead of one:
-    embeddings  E(c)  = concat(h1[-s], h2[-s])          (B, L, D1 + D2), along the feature axis
-    text_embeds p(c)  = P2 final_layer_norm(h2[-1])[eos] (B, P), text_encoder_2's pooled, projected output
-    time_ids          = (H, W, 0, 0, H, W)               original size, crop top-left, target size
+    (S1) embeddings  E(c) = concat(h1[-s], h2[-s])          (B, L, D1 + D2), along the feature axis
+    (S2) text_embeds p(c) = P2 final_layer_norm(h2[-1])[eos] (B, P), text_encoder_2's pooled, projected output
+    (S3) time_ids         = (H, W, 0, 0, H, W)               original size, crop top-left, target size
 where h1, h2 are the hidden states of text_encoder (CLIPTextModel) and text_encoder_2
 (CLIPTextModelWithProjection), h[0] the token embeddings, s = finetune.clip_skip >= 2, and no final layer
 norm is applied to h[-s] (SDXL was trained on the raw penultimate states). At s = 2 this is what kohya

@@ -295,6 +295,23 @@ def _sdxl_config(data_path, **model):
     }
 
 
+def test_paper_sdxl_example_is_c11():
+    """examples/paper_sdxl.toml: SD 1.5's recipe (examples/paper_sd15.toml) on SDXL base 1.0 with batch size 2
+    and 512 px (Appendix C.11); everything else equal."""
+    from pathlib import Path
+
+    from chain.config import config_to_dict, load_config
+    from chain.resume import flatten
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    xl, sd = load_config(examples / "paper_sdxl.toml"), load_config(examples / "paper_sd15.toml")
+    assert (xl.model.kind, xl.model.path, xl.model.vae) == ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "")
+    assert xl.finetune.batch_size == 2 and xl.data.resolution == 512 and xl.finetune.clip_skip == 2
+    a, b = flatten(config_to_dict(xl)), flatten(config_to_dict(sd))
+    differ = {k for k in a if a[k] != b.get(k)}
+    assert differ == {"model.path", "model.kind", "model.vae", "finetune.batch_size", "sampling.batch_size"}
+
+
 def test_config_checks():
     doc = _sdxl_config("/data")
     del doc["data"]["resolution"]
