@@ -46,7 +46,7 @@ def test_tiny_example_runs_from_its_shipped_location(tmp_path):
     assert resolved["conditions"][1]["alpha"] == 3.0 and resolved["data"]["source"] == "toy"
 
 
-@pytest.mark.slow  # ~1-2.5 min on 2 busy cores
+@pytest.mark.slow  # ~45 s on 2 busy cores
 def test_tiny_sdxl_example_runs_as_shipped(tmp_path):
     """examples/tiny_sdxl_cpu.toml exactly as shipped (no overrides): a tiny SDXL M_0 built into the run
     folder, every cell finished, each adapter on the UNet and both text encoders."""
