@@ -371,3 +371,47 @@ def test_tiny_sdxl_chain_end_to_end(tmp_path):
         again = generate(m, captions[:2], seeds, Constant(1.0), num_steps=3, resolution=32, clip_skip=2,
                          batch_size=4, unconditional=False)
         assert torch.equal((again.images * 255).round() / 255, torch.stack(written))
+
+
+def test_inference_layout_gives_the_plain_images():
+    """Merged adapters + channels_last on an SDXL UNet (linear proj_in/proj_out) against the plain peft
+    module: equal up to float32 rounding; the base weights bit-identical afterwards."""
+    m, _ = _adapted()
+    before = {k: v.clone() for k, v in m.unet.state_dict().items()}
+    kw = dict(num_steps=4, resolution=16, clip_skip=2, batch_size=3)
+    plain = generate(m, PROMPTS, [1, 2, 3], Constant(7.5), fast=False, **kw)
+    fast = generate(m, PROMPTS, [1, 2, 3], Constant(7.5), fast=True, **kw)
+    torch.testing.assert_close(fast.latents, plain.latents, rtol=1e-3, atol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in m.unet.state_dict().items())
+    # the adapter matters far beyond that tolerance
+    bare = generate(make_tiny_sdxl_model(TINY, resolution=16), PROMPTS, [1, 2, 3], Constant(7.5), fast=False, **kw)
+    assert (bare.latents - plain.latents).abs().max() > 1e-2
+
+
+def test_preflight_refuses_clip_skip_1_for_an_sdxl_folder(tmp_path, model):
+    from chain.preflight import model_problems
+
+    folder = save_base_model(model, tmp_path / "m")
+    doc = _sdxl_config("/data")
+    doc["model"] = {"path": str(folder)}  # kind = "auto": recognised from the folder
+    assert model_problems(config_from_dict(doc)) == []
+    doc["finetune"]["clip_skip"] = 1
+    problems = model_problems(config_from_dict(doc))
+    assert len(problems) == 1 and "SDXL model" in problems[0] and "'finetune.clip_skip' = 1" in problems[0]
+
+
+def test_hf_cache_id_offline(tmp_path, monkeypatch, model):
+    """An SDXL model in the HF cache layout loads by its id and is recognised as SDXL."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tiny-org--tiny-sdxl"
+    save_base_model(model, repo / "snapshots" / rev)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_base_model("tiny-org/tiny-sdxl")
+    assert loaded.is_sdxl and weights_digest(loaded.text_encoder_2) == weights_digest(model.text_encoder_2)
