@@ -65,7 +65,8 @@ class DataConfig:
     # caption files beside the images (kohya's default is ".caption"; the paper's folders use ".txt")
     caption_extension: str = spec(".txt", pattern=r"\.[A-Za-z0-9_.-]+", pattern_help="an extension such as '.txt'")
     format: str = spec("auto", choices=("auto", "captions", "metadata"))  # metadata: metadata.jsonl
-    resolution: int = spec(512, ge=8, le=8192)  # images are resized (short side) and centre-cropped to this square size
+    # images are resized (short side) and centre-cropped to this square size
+    resolution: int = spec(512, ge=8, le=8192, note="default 1024 when model.kind = 'sdxl'")
     center_crop: bool = True  # false: the whole image is resized to a square (aspect ratio not kept)
     max_images: int = spec(0, ge=0, note="0 = all images")  # use only the first N images (sorted by name)
 
@@ -88,16 +89,27 @@ class TinyModelConfig:
     # VAE channels per level; downsampling 2^(levels - 1)
     vae_block_out_channels: tuple[int, ...] = spec((8, 16), ge=1, nonempty=True)
     latent_channels: int = spec(4, ge=1)  # VAE latent channels
+    # SDXL only (model.kind = "sdxl"): width of each of the six time-id embeddings (SDXL: 256)
+    addition_time_embed_dim: int = spec(8, ge=1)
+
+
+MODEL_KINDS = ("auto", "sd", "sdxl")
+SDXL_RESOLUTION = 1024  # SDXL's native image size (data.resolution's default for model.kind = "sdxl")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """M_0: a diffusers-format folder or HF cache id (offline), "tiny" (built from `tiny`), or "toy" (the
-    committed toy base model of chain.toy, pretrained on the toy world's D_0 at 32 x 32)."""
+    committed toy base model of chain.toy, pretrained on the toy world's D_0 at 32 x 32). Stable Diffusion
+    1.x/2.x (one text encoder) or SDXL (two text encoders, pooled text embeddings and time ids; docs/sdxl.md)."""
 
     # a diffusers folder, a cached HF id such as runwayml/stable-diffusion-v1-5, or "tiny"
     path: str = spec(nonempty=True)
     vae: str = ""  # a fixed external VAE (folder or HF id), e.g. sd-vae-ft-mse; "" = the model's own
+    # auto = from the model folder (SDXL: model_index.json names StableDiffusionXLPipeline or text_encoder_2/
+    # exists); "sdxl" with path = "tiny" builds a tiny SDXL
+    kind: str = spec("auto", choices=MODEL_KINDS, note="'tiny' is SD unless 'sdxl'; data.resolution defaults to "
+                     "1024 for 'sdxl'")
     tiny: TinyModelConfig = TinyModelConfig()
 
 
@@ -208,7 +220,12 @@ CROSS_FIELD_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...
      lambda c: all(ch % min(c.model.tiny.vae_block_out_channels[0], 4) == 0 for ch in c.model.tiny.vae_block_out_channels),
      "every channel count must be a multiple of min(first channel count, 4) (the VAE's group norm)"),
     (("model.tiny.text_hidden_size", "model.tiny.cross_attention_dim"),
-     lambda c: c.model.tiny.text_hidden_size == c.model.tiny.cross_attention_dim, "must be equal"),
+     lambda c: c.model.kind == "sdxl" or c.model.tiny.text_hidden_size == c.model.tiny.cross_attention_dim,
+     "must be equal"),
+    (("model.tiny.text_hidden_size", "model.tiny.cross_attention_dim"),
+     lambda c: c.model.kind != "sdxl" or c.model.path != "tiny" or 2 * c.model.tiny.text_hidden_size == c.model.tiny.cross_attention_dim,
+     "a tiny SDXL (model.kind = 'sdxl') has two text encoders of width text_hidden_size side by side: "
+     "cross_attention_dim must be twice text_hidden_size"),
     (("data.resolution", "model.tiny"),
      lambda c: c.model.path != "tiny" or c.data.resolution % _tiny_factor(c.model.tiny) == 0,
      "the resolution must be a multiple of the tiny model's downsampling factor (VAE x UNet), else images "
@@ -216,6 +233,12 @@ CROSS_FIELD_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...
     (("finetune.clip_skip", "model.tiny.text_layers"),
      lambda c: c.model.path != "tiny" or c.finetune.clip_skip <= c.model.tiny.text_layers,
      "clip_skip counts text-encoder layers from the last one and cannot exceed text_layers"),
+    (("finetune.clip_skip", "model.kind"),
+     lambda c: c.model.kind != "sdxl" or c.finetune.clip_skip >= 2,
+     "SDXL conditions on raw hidden states below the last layer (docs/sdxl.md): clip_skip must be >= 2 "
+     "(2 = the penultimate layer, as kohya and StableDiffusionXLPipeline)"),
+    (("model.kind", "model.path"), lambda c: c.model.kind != "sdxl" or c.model.path != "toy",
+     "the toy base model is a Stable Diffusion 1.x-style model; use model.kind = 'auto' or 'sd'"),
     (("conditions",), lambda c: len(c.conditions) >= 1, "needs at least one [[conditions]] table"),
 )
 
@@ -367,6 +390,7 @@ def config_from_dict(data: dict, *, where: str = "config", base_dir: Path | None
     if not isinstance(conditions_raw, list):
         raise ConfigError(f"{where}: 'conditions' must be an array of tables ([[conditions]])")
     conditions = tuple(_condition(t, i, where) for i, t in enumerate(conditions_raw))
+    data = _sdxl_default_resolution(data)
     sections = {f.name: f for f in dataclasses.fields(ChainConfig) if f.name != "conditions"}
     unknown = sorted(set(data) - set(sections))
     if unknown:
@@ -383,6 +407,15 @@ def config_from_dict(data: dict, *, where: str = "config", base_dir: Path | None
         config = _resolve_paths(config, base_dir)
     config.validate(where)
     return config
+
+
+def _sdxl_default_resolution(data: dict) -> dict:
+    """SDXL's native size: data.resolution defaults to 1024 when model.kind = "sdxl" (512 otherwise)."""
+    model, table = data.get("model"), data.get("data")
+    if isinstance(model, dict) and model.get("kind") == "sdxl" and isinstance(table, dict) \
+            and "resolution" not in table:
+        data = {**data, "data": {**table, "resolution": SDXL_RESOLUTION}}
+    return data
 
 
 def _resolve_paths(config: ChainConfig, base_dir: Path) -> ChainConfig:

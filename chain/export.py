@@ -315,6 +315,10 @@ def export_model(run_dir: str | os.PathLike, condition: str, iteration: int, out
         format=data.format, center_crop=data.center_crop, max_images=data.max_images,
     )
     base = resolve_base_model(config, source.run_dir)
+    if base.is_sdxl:
+        raise ExportError(f"{source.run_dir} was made from an SDXL base model; `qtm chain export` writes Stable "
+                          "Diffusion 1.x pipelines only (docs/export.md): load its LoRA files "
+                          f"({source.lora_dir}) into StableDiffusionXLPipeline instead")
     sigmas = sampling_scheduler(base.scheduler_config, config.sampling.num_steps, "cpu").sigmas.tolist()
     unet_lora, te_lora = read_lora(source.lora_dir)
     kohya_name = kohya_file_name(source.run_dir, condition, iteration)

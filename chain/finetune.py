@@ -7,7 +7,9 @@ One training step on a batch of cached latents x_0 with captions c (`diffusion_l
     loss = mean_b [ w(t_b) * mean((eps_theta(x_t, t, E(c)) - eps)^2) ],  w(t) = min(snr_t, gamma) / snr_t
     (min-SNR weighting, Hang et al. 2023; for v-prediction w = min(snr, gamma) / (snr + 1)),
 with E(c) the CLIP-skip embedding (chain.text), AdamW over the LoRA parameters of UNet and text encoder
-(separate learning rates), gradient clipping over both groups together.
+(separate learning rates), gradient clipping over both groups together. SDXL (chain.sdxl): E(c) from both
+text encoders, the UNet also gets the pooled embedding and the time ids of the training size, and the
+text-encoder group holds both encoders' adapters at text_encoder_lr (kohya's one text-encoder rate).
 
 All randomness (shuffling, flips, timesteps, noise, caption drop) comes from one CPU torch.Generator, so a
 finetune is reproducible and independent of the device and of the number of processes: every process draws
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from chain.config import FinetuneConfig
-from chain.lora import add_lora, load_lora, lora_parameters
+from chain.lora import ModelLora, add_model_lora, load_model_lora, lora_parameters
 from chain.models import BaseModel
 from chain.text import encode_tokens, tokenize, unwrap
 
@@ -41,6 +43,12 @@ class FinetuneResult:
     losses: list[float]
     num_steps: int
     seconds: float
+    text_encoder_2_lora_config: object | None = None  # SDXL
+
+    @property
+    def lora_configs(self):
+        """The three LoraConfigs as chain.lora.ModelLora (for save_model_lora)."""
+        return ModelLora(self.unet_lora_config, self.text_encoder_lora_config, self.text_encoder_2_lora_config)
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,9 @@ def drop_captions(captions: list[str], probability: float, *, generator: torch.G
 
 def diffusion_loss(unet, text_encoder, scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                    token_ids: torch.Tensor, *, clip_skip: int, min_snr_gamma: float, train_text_encoder: bool,
-                   weight_dtype: torch.dtype = torch.float32, autocast=contextlib.nullcontext) -> torch.Tensor:
+                   weight_dtype: torch.dtype = torch.float32, autocast=contextlib.nullcontext,
+                   text_encoder_2=None, token_ids_2: torch.Tensor | None = None,
+                   pixel_size: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """The loss of one batch (module docstring): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, the target eps
     (epsilon prediction) or the velocity (v prediction), and
 
@@ -80,16 +90,29 @@ def diffusion_loss(unet, text_encoder, scheduler, x0: torch.Tensor, noise: torch
     x0 and noise (B, C, h, w) lie on the UNet's device, timesteps (B,) are integers, token_ids (B, L) the
     tokenized captions. The UNet and text encoder run under `autocast()` (e.g. accelerator.autocast) with the
     noisy input in `weight_dtype`; the text encoder gets gradients only with `train_text_encoder`.
+    SDXL (`text_encoder_2` and `token_ids_2` given): E(c) and the pooled embedding from both encoders
+    (chain.sdxl.encode_tokens_sdxl) and the time ids of the training images' size `pixel_size` = (H, W),
+    uncropped: (H, W, 0, 0, H, W).
     """
     device = x0.device
     t = timesteps.to(device)
     prediction_type = scheduler.config.prediction_type
     noisy = scheduler.add_noise(x0, noise, t)
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    added = None
     with autocast():
         with torch.set_grad_enabled(train_text_encoder):
-            embeddings = encode_tokens(text_encoder, token_ids, clip_skip)
-        pred = unet(noisy.to(weight_dtype), t, embeddings).sample
+            if text_encoder_2 is None:
+                embeddings = encode_tokens(text_encoder, token_ids, clip_skip)
+            else:
+                from chain.sdxl import encode_tokens_sdxl, time_ids
+
+                embeddings, pooled = encode_tokens_sdxl(text_encoder, text_encoder_2, token_ids, token_ids_2,
+                                                        clip_skip)
+                height, width = pixel_size
+                added = {"text_embeds": pooled, "time_ids": time_ids(height, width, len(x0), pooled.dtype).to(device)}
+        extra = {} if added is None else {"added_cond_kwargs": added}
+        pred = unet(noisy.to(weight_dtype), t, embeddings, **extra).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     weights = min_snr_weights(scheduler.alphas_cumprod, timesteps, min_snr_gamma, prediction_type).to(device)
     return (per_sample * weights).mean()
@@ -163,21 +186,18 @@ def finetune(
     model = base.copy()
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (model.unet, model.text_encoder, model.vae):
-        if module is not None:
-            module.requires_grad_(False)
-            module.to(device)
-    for module in (model.unet, model.text_encoder):  # the VAE stays float32: latents are cached once
-        if next(module.parameters()).dtype != weight_dtype:
-            module.to(dtype=weight_dtype)
-    unet_config, te_config = add_lora(model.unet, model.text_encoder, cfg, generator=generator)
+    place_for_training(model, device, weight_dtype)
+    configs = add_model_lora(model, cfg, generator=generator)
+    te_config = configs.text_encoder
     if init_lora is not None:
-        load_lora(init_lora, model.unet, model.text_encoder)
+        load_model_lora(init_lora, model)
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
 
     latents = cache_latents(model, images, flip=cfg.flip, generator=generator)
     unet_params = lora_parameters(model.unet)
     te_params = lora_parameters(model.text_encoder) if te_config is not None else []
+    if configs.text_encoder_2 is not None:
+        te_params += lora_parameters(model.text_encoder_2)
     groups = [{"params": unet_params, "lr": cfg.unet_lr}]
     if te_params:
         groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
@@ -186,12 +206,16 @@ def finetune(
         fused=device.type == "cuda",
     )
     model.unet.train()
-    model.text_encoder.train(te_config is not None)
-    if te_config is not None:
-        unet, text_encoder, optimizer = accelerator.prepare(model.unet, model.text_encoder, optimizer)
+    for module in model.text_encoders():
+        module.train(te_config is not None)
+    text_encoder, text_encoder_2 = model.text_encoder, model.text_encoder_2
+    if te_config is not None and text_encoder_2 is not None:
+        unet, text_encoder, text_encoder_2, optimizer = accelerator.prepare(
+            model.unet, text_encoder, text_encoder_2, optimizer)
+    elif te_config is not None:
+        unet, text_encoder, optimizer = accelerator.prepare(model.unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(model.unet, optimizer)
-        text_encoder = model.text_encoder
     all_params = unet_params + te_params
     total = num_training_steps(len(images), cfg)
     losses: list[float] = []
@@ -214,10 +238,17 @@ def finetune(
         batch_captions = drop_captions([captions[int(i)] for i in index], condition_drop, generator=generator)
         mine = slice(rank * b // world, (rank + 1) * b // world)
         x0, noise, timesteps = x0[mine].to(device), noise[mine].to(device), timesteps[mine]
-        ids = tokenize(model.tokenizer, batch_captions[mine], max_length)
+        sdxl = {}
+        if model.is_sdxl:
+            from chain.sdxl import tokenize_sdxl
+
+            ids, ids_2 = tokenize_sdxl(model, batch_captions[mine])
+            sdxl = dict(text_encoder_2=text_encoder_2, token_ids_2=ids_2, pixel_size=tuple(images.shape[-2:]))
+        else:
+            ids = tokenize(model.tokenizer, batch_captions[mine], max_length)
         loss = diffusion_loss(unet, text_encoder, scheduler, x0, noise, timesteps, ids, clip_skip=cfg.clip_skip,
                               min_snr_gamma=cfg.min_snr_gamma, train_text_encoder=te_config is not None,
-                              weight_dtype=weight_dtype, autocast=accelerator.autocast)
+                              weight_dtype=weight_dtype, autocast=accelerator.autocast, **sdxl)
         accelerator.backward(loss)
         if cfg.max_grad_norm > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(all_params, cfg.max_grad_norm)
@@ -229,7 +260,21 @@ def finetune(
             on_step(len(losses), total, value)
     model.unet = unwrap(accelerator.unwrap_model(unet))
     model.text_encoder = unwrap(accelerator.unwrap_model(text_encoder))
-    model.unet.eval()
-    model.text_encoder.eval()
+    if text_encoder_2 is not None:
+        model.text_encoder_2 = unwrap(accelerator.unwrap_model(text_encoder_2))
+    for module in [model.unet, *model.text_encoders()]:
+        module.eval()
     accelerator.free_memory()
-    return FinetuneResult(model, unet_config, te_config, losses, len(losses), time.perf_counter() - start_time)
+    return FinetuneResult(model, configs.unet, te_config, losses, len(losses), time.perf_counter() - start_time,
+                          configs.text_encoder_2)
+
+
+def place_for_training(model: BaseModel, device, weight_dtype: torch.dtype) -> None:
+    """Freeze every module of `model`, move it to `device` and cast the UNet and text encoder(s) to
+    `weight_dtype` (the VAE stays float32: latents are cached once); M_k is rebuilt the same way."""
+    for module in model.modules():
+        module.requires_grad_(False)
+        module.to(device)
+    for module in [model.unet, *model.text_encoders()]:
+        if next(module.parameters()).dtype != weight_dtype:
+            module.to(dtype=weight_dtype)

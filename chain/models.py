@@ -2,7 +2,9 @@
 
 A base model folder holds model_index.json, unet/, text_encoder/, tokenizer/, scheduler/ and optionally
 vae/. Without vae/ the model is pixel space: the UNet denoises images scaled to [-1, 1] directly (the
-embedded toy world uses this). Everything loads with local_files_only=True: nothing is downloaded.
+embedded toy world uses this). An SDXL folder (model_index.json names StableDiffusionXLPipeline, or
+text_encoder_2/ exists) also holds text_encoder_2/ (CLIPTextModelWithProjection) and tokenizer_2/; see
+chain.sdxl and docs/sdxl.md. Everything loads with local_files_only=True: nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ class BaseModel:
 
     `vae` is None for a pixel-space model. `scheduler_config` is the training noise schedule (a dict read
     from scheduler/), from which both the training (DDPM) and the sampling (Euler ancestral) schedulers are
-    built.
+    built. An SDXL model also has `text_encoder_2` (with projection) and `tokenizer_2`, and
+    `force_zeros_for_empty_prompt` (model_index.json; the pipeline's default True): whether the
+    unconditional branch of guidance uses zero embeddings instead of those of "" (chain.sdxl).
     """
 
     unet: Any
@@ -50,6 +54,21 @@ class BaseModel:
     scheduler_config: dict
     vae: Any | None = None
     source: str = ""
+    text_encoder_2: Any | None = None
+    tokenizer_2: Any | None = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def modules(self) -> list:
+        """The model's torch modules: UNet, text encoder(s), VAE (those present)."""
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2, self.vae) if m is not None]
+
+    def text_encoders(self) -> list:
+        """The text encoder(s): one, or two for SDXL."""
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
     @property
     def is_pixel_space(self) -> bool:
@@ -75,6 +94,7 @@ class BaseModel:
             self,
             unet=copy.deepcopy(self.unet),
             text_encoder=copy.deepcopy(self.text_encoder),
+            text_encoder_2=copy.deepcopy(self.text_encoder_2),
             vae=copy.deepcopy(self.vae),
             scheduler_config=dict(self.scheduler_config),
         )
@@ -102,11 +122,21 @@ def byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def make_tiny_tokenizer(max_length: int = 77):
-    """An offline CLIP tokenizer with the byte-level vocabulary (no hub access)."""
+def make_tiny_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """An offline CLIP tokenizer with the byte-level vocabulary (no hub access). SDXL's second tokenizer
+    pads with "!" instead of the end token."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=max_length)
+    return CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=max_length, pad_token=pad_token)
+
+
+def make_tiny_model(config: TinyModelConfig = TinyModelConfig(), *, resolution: int = 32, kind: str = "sd") -> BaseModel:
+    """A tiny random model of `kind` ("sd"/"auto": make_tiny_base_model; "sdxl": chain.sdxl.make_tiny_sdxl_model)."""
+    if kind == "sdxl":
+        from chain.sdxl import make_tiny_sdxl_model
+
+        return make_tiny_sdxl_model(config, resolution=resolution)
+    return make_tiny_base_model(config, resolution=resolution)
 
 
 def make_tiny_base_model(config: TinyModelConfig = TinyModelConfig(), *, resolution: int = 32) -> BaseModel:
@@ -117,7 +147,7 @@ def make_tiny_base_model(config: TinyModelConfig = TinyModelConfig(), *, resolut
     from torch's generator seeded with `config.seed` inside a forked RNG state, so the caller's global RNG is
     untouched and the same config always gives the same model.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = make_tiny_tokenizer()
@@ -155,28 +185,35 @@ def make_tiny_base_model(config: TinyModelConfig = TinyModelConfig(), *, resolut
         if config.text_hidden_size != config.cross_attention_dim:
             raise ValueError("tiny model: text_hidden_size must equal cross_attention_dim")
         text_encoder = CLIPTextModel(text_config)
-        vae = None
-        if config.latent:
-            vchannels = tuple(config.vae_block_out_channels)
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                block_out_channels=vchannels,
-                down_block_types=("DownEncoderBlock2D",) * len(vchannels),
-                up_block_types=("UpDecoderBlock2D",) * len(vchannels),
-                latent_channels=config.latent_channels,
-                norm_num_groups=min(vchannels[0], 4),
-                sample_size=resolution,
-            )
+        vae = make_tiny_vae(config, resolution) if config.latent else None
     for module in (unet, text_encoder, vae):
         if module is not None:
             module.eval()
     return BaseModel(unet, text_encoder, tokenizer, dict(SD_SCHEDULER_CONFIG), vae, source="tiny")
 
 
+def make_tiny_vae(config: TinyModelConfig, resolution: int, **kwargs):
+    """The tiny models' random AutoencoderKL (weights from torch's global generator: call it inside a seeded,
+    forked RNG state); `kwargs` are further AutoencoderKL arguments (SDXL: its scaling_factor)."""
+    from diffusers import AutoencoderKL
+
+    vchannels = tuple(config.vae_block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=vchannels,
+        down_block_types=("DownEncoderBlock2D",) * len(vchannels),
+        up_block_types=("UpDecoderBlock2D",) * len(vchannels),
+        latent_channels=config.latent_channels,
+        norm_num_groups=min(vchannels[0], 4),
+        sample_size=resolution,
+        **kwargs,
+    )
+
+
 def save_base_model(model: BaseModel, folder: str | os.PathLike) -> Path:
     """Write a diffusers-format folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/,
-    vae/ when latent), atomically: built in a temp folder next to it, then renamed into place."""
+    vae/ when latent; text_encoder_2/ and tokenizer_2/ for SDXL), atomically: built in a temp folder next to it, then renamed into place."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
         write_model_folder(model, tmp)
@@ -193,6 +230,17 @@ def write_model_folder(model: BaseModel, folder: Path, *, scheduler_class: str =
     model.text_encoder.save_pretrained(folder / "text_encoder")
     model.tokenizer.save_pretrained(folder / "tokenizer")
     getattr(diffusers, scheduler_class).from_config(model.scheduler_config).save_pretrained(folder / "scheduler")
+    if model.is_sdxl:
+        from chain.sdxl import sdxl_model_index
+
+        model.text_encoder_2.save_pretrained(folder / "text_encoder_2")
+        model.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+        if model.vae is not None:
+            model.vae.save_pretrained(folder / "vae")
+        index = sdxl_model_index(model, diffusers.__version__)
+        index["scheduler"] = ["diffusers", scheduler_class]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+        return
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -240,7 +288,8 @@ def load_base_model(config: ModelConfig | str, *, dtype: torch.dtype = torch.flo
     """Load M_0 from a diffusers-format folder or an HF cache id, offline (local_files_only=True).
 
     `config.vae` names a fixed external VAE (folder or id; a folder may hold the VAE at its root or in
-    vae/). A model whose model_index.json has no VAE entry (or a folder without vae/) is pixel space.
+    vae/). A model whose model_index.json has no VAE entry (or a folder without vae/) is pixel space. SDXL is
+    recognised from the folder (`is_sdxl_source`); `config.kind` = "sd" or "sdxl" must agree with it.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -251,6 +300,10 @@ def load_base_model(config: ModelConfig | str, *, dtype: torch.dtype = torch.flo
     index = _model_index(source)
     is_folder = Path(source).is_dir()
     has_vae = (Path(source) / "vae").is_dir() if is_folder else bool((index.get("vae") or [None])[0])
+    sdxl = is_sdxl_source(source, index)
+    if config.kind != "auto" and (config.kind == "sdxl") != sdxl:
+        found = "an SDXL model" if sdxl else "a Stable Diffusion 1.x/2.x model (one text encoder)"
+        raise ModelLoadError(f"model.kind = {config.kind!r} but {source} is {found}; set model.kind = 'auto'")
     kwargs = {"local_files_only": True}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
@@ -262,15 +315,33 @@ def load_base_model(config: ModelConfig | str, *, dtype: torch.dtype = torch.flo
             vae = _load_vae(config.vae, dtype)
         elif has_vae:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
+        sdxl_parts = {}
+        if sdxl:
+            from transformers import CLIPTextModelWithProjection
+
+            sdxl_parts = dict(
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    source, subfolder="text_encoder_2", dtype=dtype, **kwargs),
+                tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            )
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load base model {source}: {exc}") from None
-    for module in (unet, text_encoder, vae):
-        if module is not None:
-            module.eval()
-            module.requires_grad_(False)
-    return BaseModel(unet, text_encoder, tokenizer, scheduler_config, vae, source=str(source))
+    model = BaseModel(unet, text_encoder, tokenizer, scheduler_config, vae, source=str(source), **sdxl_parts)
+    for module in model.modules():
+        module.eval()
+        module.requires_grad_(False)
+    return model
+
+
+def is_sdxl_source(source: str, index: dict) -> bool:
+    """Whether a model folder or cached id is SDXL: model_index.json names StableDiffusionXLPipeline or has a
+    text_encoder_2 entry, or the folder holds text_encoder_2/."""
+    if index.get("_class_name") == "StableDiffusionXLPipeline" or (index.get("text_encoder_2") or [None])[0]:
+        return True
+    return (Path(source) / "text_encoder_2").is_dir()
 
 
 def _scheduler_config(source: str) -> dict:

@@ -98,9 +98,8 @@ def run_pilot(config: ChainConfig, out_dir: str | Path, *, scales: Sequence[floa
         format=config.data.format, center_crop=config.data.center_crop, max_images=config.data.max_images,
     )
     base = resolve_base_model(config, out_dir)
-    for module in (base.unet, base.text_encoder, base.vae):
-        if module is not None:
-            module.to(accelerator.device)
+    for module in base.modules():
+        module.to(accelerator.device)
     prompts = pilot_prompts(originals.captions, images)
     seeds = [image_seed(config.run.seed, PURPOSE, 0, i) for i in range(images)]
     tau, steps = config.metrics.phenotype_tau, config.sampling.num_steps
@@ -148,8 +147,8 @@ def run_pilot(config: ChainConfig, out_dir: str | Path, *, scales: Sequence[floa
             cost["finetune_samples"] += result.num_steps * config.finetune.batch_size
             cost["finetune_seconds"] += time.perf_counter() - t1
             model = result.model
-            model.unet.eval()
-            model.text_encoder.eval()
+            for module in model.modules():
+                module.eval()
             reference_next[j], _ = sample(model, ref_scale, f"scale {scale:g}: reference after finetuning")
     cost["seconds"] = sum(cost[k] for k in ("generation_seconds", "reference_seconds", "finetune_seconds",
                                              "measure_seconds"))

@@ -31,8 +31,8 @@ def _json(path: Path) -> dict | None:
 
 def model_problems(config: ChainConfig) -> list[str]:
     """Mismatches between the config and a local base-model folder: the resolution must be a multiple of
-    the VAE's downsampling factor (else D_0 is measured at one size and generated at another), and clip_skip
-    cannot exceed the text encoder's layers."""
+    the VAE's downsampling factor (else D_0 is measured at one size and generated at another), clip_skip
+    cannot exceed the text encoders' layers, and an SDXL model needs clip_skip >= 2."""
     folder = Path(config.model.path)
     if config.model.path == "tiny" or not folder.is_dir():
         return []
@@ -46,10 +46,17 @@ def model_problems(config: ChainConfig) -> list[str]:
         if config.data.resolution % factor:
             problems.append(f"field 'data.resolution' = {config.data.resolution}: must be a multiple of {factor}, "
                             f"the VAE's downsampling factor ({vae_folder})")
-    text = _json(folder / "text_encoder" / "config.json")
-    if text and "num_hidden_layers" in text and config.finetune.clip_skip > text["num_hidden_layers"]:
-        problems.append(f"field 'finetune.clip_skip' = {config.finetune.clip_skip}: must be <= "
-                        f"{text['num_hidden_layers']}, the text encoder's layer count ({folder / 'text_encoder'})")
+    for sub in ("text_encoder", "text_encoder_2"):
+        text = _json(folder / sub / "config.json")
+        if text and "num_hidden_layers" in text and config.finetune.clip_skip > text["num_hidden_layers"]:
+            problems.append(f"field 'finetune.clip_skip' = {config.finetune.clip_skip}: must be <= "
+                            f"{text['num_hidden_layers']}, the text encoder's layer count ({folder / sub})")
+    index = _json(folder / "model_index.json") or {}
+    sdxl = index.get("_class_name") == "StableDiffusionXLPipeline" or (folder / "text_encoder_2").is_dir()
+    if sdxl and config.finetune.clip_skip < 2:
+        problems.append(f"field 'finetune.clip_skip' = {config.finetune.clip_skip}: {folder} is an SDXL model, "
+                        "which conditions on raw hidden states below the last layer (docs/sdxl.md); use 2 (the "
+                        "penultimate layer, as kohya and StableDiffusionXLPipeline) or more")
     return problems
 
 

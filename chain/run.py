@@ -7,7 +7,7 @@
 Entry point: `run_chain(config, out_dir)`. A run directory holds config.toml (resolved), metrics.nc,
 images/<condition>/<iteration>/<image>.png, lora/<condition>/<iteration>/ (diffusers layout), log.jsonl,
 inputs.json (D_0's fingerprint), run.lock (the lock of the process running it), data/ for data.source =
-"toy", for a "tiny" model base_model/ and, with the selection assay on ([assay] images > 0), the reference
+"toy", for a "tiny" model (SD or SDXL, model.kind) base_model/ and, with the selection assay on ([assay] images > 0), the reference
 sets, images_reference/<condition>/<iteration>/<image>.png (see `reference_set`). Rerunning continues where
 it stopped: finished cells are read back, the images a later iteration trains on are always read from their
 PNG files (also in an uninterrupted run), and every random draw comes from generators seeded by (run seed,
@@ -130,7 +130,7 @@ class DiffusionStages:
         from accelerate.utils import gather_object
 
         from chain.finetune import finetune
-        from chain.lora import save_lora
+        from chain.lora import save_model_lora
         from chain.sampling import generate, latent_histogram
 
         cfg = job.config
@@ -153,8 +153,7 @@ class DiffusionStages:
         )
         bar(completed=result.num_steps, total=result.num_steps)  # done (fewer steps than planned also end it)
         if acc.is_main_process:
-            save_lora(job.lora_dir, result.model.unet, result.model.text_encoder,
-                      result.unet_lora_config, result.text_encoder_lora_config)
+            save_model_lora(job.lora_dir, result.model, result.lora_configs)
         acc.wait_for_everyone()
 
         indices = list(range(len(job.prompts)))
@@ -209,23 +208,18 @@ def generate_reference(base, job: IterationJob, *, count: int, scale: float, acc
     from accelerate.utils import gather_object
 
     from chain.guidance import Constant
-    from chain.lora import add_lora, load_lora
+    from chain.finetune import place_for_training
+    from chain.lora import add_model_lora, load_model_lora
     from chain.sampling import generate
 
     cfg = job.config
     model = base.copy()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.finetune.mixed_precision, torch.float32)
-    for module in (model.unet, model.text_encoder, model.vae):  # as chain.finetune leaves M_k
-        if module is not None:
-            module.requires_grad_(False)
-            module.to(accelerator.device)
-    for module in (model.unet, model.text_encoder):
-        if next(module.parameters()).dtype != weight_dtype:
-            module.to(dtype=weight_dtype)
-    add_lora(model.unet, model.text_encoder, cfg.finetune, generator=make_generator(0))  # then overwritten
-    load_lora(job.lora_dir, model.unet, model.text_encoder)
-    model.unet.eval()
-    model.text_encoder.eval()
+    place_for_training(model, accelerator.device, weight_dtype)  # as chain.finetune leaves M_k
+    add_model_lora(model, cfg.finetune, generator=make_generator(0))  # then overwritten
+    load_model_lora(job.lora_dir, model)
+    for module in model.modules():
+        module.eval()
     indices = list(range(count))
     with accelerator.split_between_processes(indices) as mine:
         gen = generate(
@@ -296,13 +290,14 @@ def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
 def resolve_base_model(config: ChainConfig, out_dir: Path):
     """Load M_0 (offline). model.path = "tiny" builds the tiny model once into out_dir/base_model/; "toy" is
     the committed toy base model (chain.toy.toy_base_model_dir)."""
-    from chain.models import ModelConfig, load_base_model, make_tiny_base_model, save_base_model
+    from chain.models import ModelConfig, load_base_model, make_tiny_model, save_base_model
 
     if config.model.path == "tiny":
         folder = out_dir / "base_model"
         if not folder.is_dir():
-            save_base_model(make_tiny_base_model(config.model.tiny, resolution=config.data.resolution), folder)
-        return load_base_model(ModelConfig(path=str(folder), vae=config.model.vae))
+            save_base_model(make_tiny_model(config.model.tiny, resolution=config.data.resolution,
+                                            kind=config.model.kind), folder)
+        return load_base_model(ModelConfig(path=str(folder), vae=config.model.vae, kind=config.model.kind))
     if config.model.path == "toy":
         from chain.toy import toy_base_model_dir
 

@@ -6,8 +6,9 @@ Per step i with timestep t_i and noise level sigma_i (diffusers EulerAncestralDi
     (e_u, e_c)    = eps_theta(x_in, t_i, [E(""), E(prompt)])
     e             = e_u + s_i (e_c - e_u),   s_i = schedule.scale(i, T, sigma_i)
     x             = scheduler.step(e, t_i, x, generator)              (ancestral noise from the generator)
-The loop is the same arithmetic, in the same order, as StableDiffusionPipeline's, so with equal generators
-both give equal latents (tests check it); unlike the pipeline it also returns both noise predictions' gap
+The loop is the same arithmetic, in the same order, as StableDiffusionPipeline's (for SDXL models, with
+the pooled text embeddings and time ids of chain.sdxl, StableDiffusionXLPipeline's), so with equal
+generators both give equal latents (tests check it); unlike the pipeline it also returns both noise predictions' gap
 |e_c - e_u| per step (Appendix G.1) and the final latents (Appendix G.2). With scale 1 the pipeline skips the
 unconditional pass; this loop makes it unless asked not to (`unconditional=False`: then e = e_c, which is the
 CFG formula at s = 1 up to rounding, and the gap norm is NaN).
@@ -74,21 +75,33 @@ def sample_latents(
     latent_shape: tuple[int, int, int],
     generator: list[torch.Generator],
     unconditional: bool = True,
+    cond_added: dict | None = None,
+    uncond_added: dict | None = None,
 ) -> SampleResult:
     """The Euler-ancestral CFG loop for a batch: B = len(generator) images, embeddings (B, L, D) each
     (an unconditional embedding with batch 1 is broadcast). unconditional=False: the conditional pass only,
-    e = e_c (the loop at s = 1 without the unconditional half; uncond_embeddings is ignored, the gap norm NaN)."""
+    e = e_c (the loop at s = 1 without the unconditional half; uncond_embeddings is ignored, the gap norm NaN).
+    SDXL: `cond_added` / `uncond_added` are the UNet's added conditioning of either branch
+    ({"text_embeds": (B or 1, P), "time_ids": (B or 1, 6)}, chain.sdxl), batched like the embeddings."""
     from diffusers.utils.torch_utils import randn_tensor
 
     unet = unwrap(unet)
     device, dtype = next(unet.parameters()).device, cond_embeddings.dtype
     b = len(generator)
+
+    def batch(x: torch.Tensor) -> torch.Tensor:  # a batch-1 tensor broadcast to the B images
+        return x.expand(b, *x.shape[1:]) if x.shape[0] == 1 and b > 1 else x
+
+    added = None
     if not unconditional:
         embeddings = cond_embeddings.to(device)
+        if cond_added is not None:
+            added = {k: batch(v).to(device) for k, v in cond_added.items()}
     else:
-        if uncond_embeddings.shape[0] == 1 and b > 1:
-            uncond_embeddings = uncond_embeddings.expand(b, -1, -1)
-        embeddings = torch.cat([uncond_embeddings, cond_embeddings]).to(device)
+        embeddings = torch.cat([batch(uncond_embeddings), batch(cond_embeddings)]).to(device)
+        if cond_added is not None:
+            added = {k: torch.cat([batch(uncond_added[k]), batch(v)]).to(device) for k, v in cond_added.items()}
+    extra = {} if added is None else {"added_cond_kwargs": added}
     passes = 2 if unconditional else 1
     scheduler = sampling_scheduler(scheduler_config, num_steps, device)
     gens = generator if b > 1 else generator[0]
@@ -102,7 +115,7 @@ def sample_latents(
     for i, t in enumerate(scheduler.timesteps):
         sigma = float(sigmas[i])
         model_input = scheduler.scale_model_input(torch.cat([latents] * passes), t)
-        pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        pred = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **extra)[0]
         scale = schedule.scale(i, len(scheduler.timesteps), sigma)
         scales[i] = scale
         if unconditional:
@@ -190,7 +203,8 @@ def generate(
     fast: bool = True,
 ) -> GenerationResult:
     """One image per (prompt, seed) pair, in batches of `batch_size`; prompts embedded with CLIP skip, the
-    unconditional embedding is that of "" through the same (finetuned) text encoder. unconditional=False:
+    unconditional embedding is that of "" through the same (finetuned) text encoder (SDXL: chain.sdxl, with
+    the added conditioning of the resolution and zeros under force_zeros_for_empty_prompt). unconditional=False:
     conditional pass only (see sample_latents). fast=False: the UNet as given, without `inference_layout`."""
     if len(prompts) != len(seeds):
         raise ValueError("generate: one seed per prompt")
@@ -199,20 +213,20 @@ def generate(
     if not prompts:  # a process with no share of the prompts
         return GenerationResult(torch.zeros(0, 3, resolution, resolution), torch.zeros(0, *latent_shape),
                                 torch.zeros(0, num_steps, dtype=torch.float64), np.full(num_steps, np.nan))
-    te = unwrap(model.text_encoder)
-    max_length = model.max_token_length
-    uncond = encode_prompts(te, model.tokenizer, [""], clip_skip=clip_skip, max_length=max_length)
+    encode = _prompt_encoder(model, clip_skip, resolution)
+    uncond, uncond_added = encode(None)
     images, latents, norms = [], [], []
     scales = np.zeros(num_steps)
     layout = inference_layout(model.unet) if fast else contextlib.nullcontext(model.unet)
     with torch.no_grad(), layout as unet:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            cond = encode_prompts(te, model.tokenizer, chunk, clip_skip=clip_skip, max_length=max_length)
+            cond, cond_added = encode(chunk)
             gens = [make_generator(s) for s in seeds[start : start + batch_size]]
             result = sample_latents(
                 unet, model.scheduler_config, cond, uncond, schedule,
                 num_steps=num_steps, latent_shape=latent_shape, generator=gens, unconditional=unconditional,
+                cond_added=cond_added, uncond_added=uncond_added,
             )
             images.append(decode(model, result.latents))
             latents.append(result.latents)
@@ -221,6 +235,28 @@ def generate(
             if on_batch is not None:
                 on_batch(len(chunk))
     return GenerationResult(torch.cat(images), torch.cat(latents), torch.cat(norms), scales)
+
+
+def _prompt_encoder(model: BaseModel, clip_skip: int, resolution: int):
+    """prompts -> (embeddings, added conditioning or None); None -> the unconditional branch. SD: the
+    CLIP-skip embedding (chain.text), the unconditional one that of "". SDXL: chain.sdxl (two encoders,
+    pooled embeddings, time ids; zeros for the unconditional branch with force_zeros_for_empty_prompt)."""
+    if model.is_sdxl:
+        from chain.sdxl import encode_prompts_sdxl, unconditional_sdxl
+
+        def encode_sdxl(prompts):
+            if prompts is None:
+                return unconditional_sdxl(model, clip_skip=clip_skip, resolution=resolution)
+            return encode_prompts_sdxl(model, prompts, clip_skip=clip_skip, resolution=resolution)
+
+        return encode_sdxl
+    te, max_length = unwrap(model.text_encoder), model.max_token_length
+
+    def encode_sd(prompts):
+        return encode_prompts(te, model.tokenizer, [""] if prompts is None else prompts, clip_skip=clip_skip,
+                              max_length=max_length), None
+
+    return encode_sd
 
 
 def latent_histogram(latents: torch.Tensor, bins: int, value_range: float) -> tuple[np.ndarray, np.ndarray]:

@@ -55,6 +55,8 @@ CASES = [
     ("model.tiny.text_intermediate_size", 0, ">= 1"),
     ("model.tiny.vae_block_out_channels", [6, 10], "group norm"),
     ("model.tiny.latent_channels", 0, ">= 1"),
+    ("model.tiny.addition_time_embed_dim", 0, ">= 1"),
+    ("model.kind", "xl", "one of 'auto', 'sd', 'sdxl'"),
     ("finetune.rank", 0, ">= 1"),
     ("finetune.alpha", -1.0, "> 0"),
     ("finetune.unet_lr", math.nan, "= nan"),

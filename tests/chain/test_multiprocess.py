@@ -25,13 +25,18 @@ run_chain(load_config(sys.argv[1]), sys.argv[2])
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("kind, port", [("sd", 29517), ("sdxl", 29518)])
+def test_two_processes_match_one(tmp_path, kind, port):
+    """SDXL: three adapted modules under DDP (UNet and both text encoders), every adapted layer reached."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed")
     data = make_captioned_folder(tmp_path / "data", num_images=6)
     d = tiny_config_dict(data, num_iterations=2, epochs=2)
     d["finetune"]["batch_size"] = 6  # divisible by 2 processes
+    if kind == "sdxl":
+        d["model"]["kind"] = "sdxl"
+        d["model"]["tiny"].update(cross_attention_dim=64, text_hidden_size=32)
     config = tmp_path / "c.toml"
     config.write_text(config_to_toml(config_from_dict(d)))
     script = tmp_path / "run.py"
@@ -40,7 +45,7 @@ def test_two_processes_match_one(tmp_path):
     one = subprocess.run([sys.executable, str(script), str(config), str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script), str(config),
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), str(script), str(config),
                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = read_netcdf(tmp_path / "one" / "metrics.nc"), read_netcdf(tmp_path / "two" / "metrics.nc")

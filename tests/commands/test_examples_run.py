@@ -44,3 +44,29 @@ def test_tiny_example_runs_from_its_shipped_location(tmp_path):
     resolved = tomllib.loads((out / "config.toml").read_text())
     assert resolved["run"]["num_iterations"] == 1 and resolved["sampling"]["num_steps"] == 2
     assert resolved["conditions"][1]["alpha"] == 3.0 and resolved["data"]["source"] == "toy"
+
+
+@pytest.mark.slow  # ~45 s on 2 busy cores
+def test_tiny_sdxl_example_runs_as_shipped(tmp_path):
+    """examples/tiny_sdxl_cpu.toml exactly as shipped (no overrides): a tiny SDXL M_0 built into the run
+    folder, every cell finished, each adapter on the UNet and both text encoders."""
+    import json
+
+    from chain.lora import read_lora_parts
+    from qtm.cli import app
+
+    example = ROOT / "examples" / "tiny_sdxl_cpu.toml"
+    out = tmp_path / "tiny_sdxl"
+    r = CliRunner().invoke(app, ["chain", "run", str(example), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    shipped = tomllib.loads(example.read_text())
+    index = json.loads((out / "base_model" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and (out / "base_model" / "text_encoder_2").is_dir()
+    ds = read_netcdf(out / "metrics.nc")
+    k = shipped["run"]["num_iterations"]
+    assert ds.sizes["iteration"] == k + 1 and (ds.completed.values == 1).all()
+    assert np.isfinite(ds.hf_power.values).all()
+    for c in shipped["conditions"]:
+        for i in range(1, k + 1):
+            assert len(list_images(out / "images" / c["name"] / str(i))) == shipped["data"]["toy_images"]
+            assert set(read_lora_parts(out / "lora" / c["name"] / str(i))) == {"unet", "text_encoder", "text_encoder_2"}
