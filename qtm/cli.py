@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from qtm.commands.assay import assay
-from qtm.commands.chain_run import run
+from qtm.commands.chain_run import conditions, run
 from qtm.commands.demo import demo
 from qtm.commands.fit import fit
 from qtm.commands.recommend import recommend, recommend_check
@@ -39,6 +39,7 @@ def _main() -> None:
 app.command("simulate")(simulate)
 app.command("spectra")(spectra)
 chain_app.command("run")(run)
+chain_app.command("conditions")(conditions)
 app.command("fit")(fit)
 app.command("assay")(assay)
 app.command("recommend")(recommend)
