@@ -163,3 +163,31 @@ def test_a_killed_shard_resumes_to_the_same_results_and_fit_and_report_read_the_
     rows = build_report(out, num_bootstrap=20)["rows"]
     assert json.dumps(rows) == json.dumps(build_report(single, num_bootstrap=20)["rows"])  # NaN metrics alike
     assert "Not finished" not in (out / "report" / "report.md").read_text()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_a_folder_from_before_shards_resumes_and_a_shard_with_another_config_is_refused(single, tmp_path):
+    from chain.run import RunError
+
+    out = tmp_path / "run"
+    config = config_from_dict(_config_dict())
+
+    def stop(condition, iteration):
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_chain(config, out, stages=SeededStage(), after_cell=stop)
+    for lock in (out / "locks").iterdir():  # the layout of a folder written before shards: run.lock only
+        lock.unlink()
+    (out / "locks").rmdir()
+    other = _config_dict()
+    other["sampling"]["num_steps"] = 9
+    with pytest.raises(RunError, match=r"fields that differ: sampling.num_steps: 4 -> 9\."):
+        run_chain(config_from_dict(other), out, stages=SeededStage(), conditions=["b"])
+    run_chain(config, out, stages=SeededStage(), conditions=["b"])
+    assert read_netcdf(out / "metrics.nc").completed.values.tolist() == [[1, 1, 0], [1, 1, 1]]
+    run_chain(config, out, stages=SeededStage())  # without --condition: the rest, as before
+    _assert_same_run(out, single)
