@@ -98,6 +98,9 @@ def test_array_task_runs_the_condition_of_its_index(stubs, tmp_path):
     assert done.returncode == 2 and [c["prog"] for c in calls] == ["qtm"]
     assert f"error: array task {len(names)} but {CONFIG} has {len(names)} conditions" in done.stderr
     assert f"--array=0-{len(names) - 1}" in done.stderr
+    done, calls = stubs("array.sbatch", CONFIG=str(tmp_path / "absent.toml"), OUT="o", SLURM_ARRAY_TASK_ID="0")
+    assert done.returncode == 2 and [c["prog"] for c in calls] == ["qtm"]  # qtm's own error, nothing run
+    assert done.stderr.startswith("error: ") and "absent.toml" in done.stderr and "array task" not in done.stderr
     done, calls = stubs("array.sbatch", OUT="o", SLURM_ARRAY_TASK_ID="0")  # no CONFIG
     assert done.returncode != 0 and "set CONFIG" in done.stderr and calls == []
 
