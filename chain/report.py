@@ -210,7 +210,7 @@ def write_figures(run_dir: Path, metrics: xr.Dataset, out_dir: Path, *, images_p
     return figures
 
 
-def unfinished_conditions(metrics: xr.Dataset) -> dict[str, int]:
+def conditions_not_finished(metrics: xr.Dataset) -> dict[str, int]:
     """{condition: its last iteration with images (-1: none)} for the conditions whose images stop before
     the last iteration of the dataset (a run, or a shard of it, still running or stopped)."""
     counts = phenotype_summary(metrics)["count"].transpose("condition", "iteration").values
@@ -228,7 +228,7 @@ def describe_run(run_dir: Path, metrics: xr.Dataset) -> str:
     """One paragraph for the report: the run folder, its dataset, base model, feature encoder and tau, and
     the conditions not finished yet (shown up to their last finished iteration)."""
     encoder = metrics.attrs.get("feature_encoder", "")
-    unfinished = unfinished_conditions(metrics)
+    unfinished = conditions_not_finished(metrics)
     return (f"Run directory `{run_dir}`; dataset `{metrics.attrs.get('dataset', '?')}`, base model "
             f"`{metrics.attrs.get('base_model', '?')}`" + (f", feature encoder `{encoder}`" if encoder else "")
             + ". The phenotype is the fraction of the normalised AC spectral energy above radius "

@@ -400,8 +400,6 @@ class Run:
     locks: list[RunLock] | None = None
     """The locks of the selected conditions (chain.runlock), held by the main process until `close`."""
     selected: tuple[str, ...] = ()
-    notify: Callable[[str], None] | None = None
-    """Told when this process waits for the run-wide lock (another shard holds it)."""
 
     def close(self) -> None:
         """Release the selected conditions (another process may run them from now on)."""
@@ -438,7 +436,7 @@ class Run:
         """Record one finished cell (condition None: iteration 0 of every condition, unless another shard
         recorded it already) into metrics.nc: read, fill and written atomically under the run-wide lock, so
         the cells other shards recorded meanwhile are kept. Main process only. Returns whether it wrote."""
-        with run_folder_lock(self.out_dir, on_wait=_waiting_note(self.notify)):
+        with run_folder_lock(self.out_dir):  # waits only while another shard records a cell: no note
             metrics = _read_metrics(self.metrics_path) if self.metrics_path.exists() else self.metrics
             write = condition is not None or (str(metrics.condition.values[0]), iteration) \
                 not in store.completed_cells(metrics)
@@ -501,7 +499,7 @@ def open_run(config: ChainConfig, out_dir: str | Path, *, encoder=None, stages: 
         for lock in locks or ():
             lock.release()
         raise
-    return dataclasses.replace(run, locks=locks, selected=selected, notify=notify)
+    return dataclasses.replace(run, locks=locks, selected=selected)
 
 
 def _open_locked(config: ChainConfig, out_dir: Path, selected: tuple[str, ...], *, encoder, stages: Stages | None,
