@@ -210,13 +210,34 @@ def write_figures(run_dir: Path, metrics: xr.Dataset, out_dir: Path, *, images_p
     return figures
 
 
+def conditions_not_finished(metrics: xr.Dataset) -> dict[str, int]:
+    """{condition: its last iteration with images (-1: none)} for the conditions whose images stop before
+    the last iteration of the dataset (a run, or a shard of it, still running or stopped)."""
+    counts = phenotype_summary(metrics)["count"].transpose("condition", "iteration").values
+    iterations = metrics["iteration"].values
+    out = {}
+    for c, condition in enumerate(metrics["condition"].values):
+        have = np.flatnonzero(counts[c] > 0)
+        last = int(iterations[have].max()) if have.size else -1
+        if last < int(iterations.max()):
+            out[str(condition)] = last
+    return out
+
+
 def describe_run(run_dir: Path, metrics: xr.Dataset) -> str:
-    """One paragraph for the report: the run folder, its dataset, base model, feature encoder and tau."""
+    """One paragraph for the report: the run folder, its dataset, base model, feature encoder and tau, and
+    the conditions not finished yet (shown up to their last finished iteration)."""
     encoder = metrics.attrs.get("feature_encoder", "")
+    unfinished = conditions_not_finished(metrics)
     return (f"Run directory `{run_dir}`; dataset `{metrics.attrs.get('dataset', '?')}`, base model "
             f"`{metrics.attrs.get('base_model', '?')}`" + (f", feature encoder `{encoder}`" if encoder else "")
             + ". The phenotype is the fraction of the normalised AC spectral energy above radius "
-            f"{metrics.attrs.get('phenotype_tau', 0.02)} cycles/pixel (docs/phenotype.md).")
+            f"{metrics.attrs.get('phenotype_tau', 0.02)} cycles/pixel (docs/phenotype.md)."
+            + ("" if not unfinished else
+               " Not finished yet (still running, or stopped; shown up to their last finished iteration of "
+               f"{int(metrics['iteration'].values.max())}): "
+               + ", ".join(f"`{c}` (up to iteration {k})" if k >= 0 else f"`{c}` (no images yet)"
+                           for c, k in unfinished.items()) + "."))
 
 
 def _fmt(value: float) -> str:

@@ -6,7 +6,7 @@
 
 Entry point: `run_chain(config, out_dir)`. A run directory holds config.toml (resolved), metrics.nc,
 images/<condition>/<iteration>/<image>.png, lora/<condition>/<iteration>/ (diffusers layout), log.jsonl,
-inputs.json (D_0's fingerprint), run.lock (the lock of the process running it), data/ for data.source =
+inputs.json (D_0's fingerprint), locks/<condition>.lock and run.lock (chain.runlock), data/ for data.source =
 "toy", for a "tiny" model (SD or SDXL, model.kind) base_model/ and, with the selection assay on ([assay] images > 0), the reference
 sets, images_reference/<condition>/<iteration>/<image>.png (see `reference_set`). Rerunning continues where
 it stopped: finished cells are read back, the images a later iteration trains on are always read from their
@@ -14,8 +14,14 @@ PNG files (also in an uninterrupted run), and every random draw comes from gener
 condition, iteration, image), so an interrupted and resumed run gives the same metrics as an uninterrupted
 one (on the same device).
 
-Reading order: `run_chain` (the loop) calls `open_run` (preflight, the folder's lock, resume checks,
-config.toml, D_0 and its fingerprint, the base model, metrics.nc with its provenance), `record_originals`
+A process may run a subset of the conditions (`conditions=`, `qtm chain run --condition`): a shard. Shards
+with disjoint conditions work in one folder at once (docs/scaling.md): each holds the locks of its
+conditions, the first to come prepares the shared state (D_0, config.toml, inputs.json, metrics.nc) under
+the short run-wide lock, and each records its cells into metrics.nc by a read-modify-write under that lock,
+so metrics.nc always holds every cell any shard has finished, and a sharded run equals a one-process run.
+
+Reading order: `run_chain` (the loop) calls `open_run` (preflight, the conditions' locks, resume
+checks, config.toml, D_0 and its fingerprint, the base model, metrics.nc with its provenance), `record_originals`
 (D_0 as iteration 0) and `run_cell` for every (condition, iteration) not yet finished (train, generate,
 save, the assay's reference set, measure, record).
 
@@ -30,7 +36,7 @@ import dataclasses
 import datetime
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,7 +50,7 @@ from chain.data import CaptionedDataset, load_captioned_folder
 from chain.errors import RunError
 from chain.images import load_image, save_image
 from chain.measure import Measurer, build_clip, build_encoder, measure
-from chain.runlock import RunLock, hold_run_folder
+from chain.runlock import RunLock, hold_conditions, run_folder_lock, sweep_run_folder
 from chain.sampling import image_seed, make_generator
 from qtmio.atomic import write_text_atomic
 from qtmio.contract import DATA_KIND_ATTR, METRICS_FILE, REFERENCE_PHENOTYPE
@@ -97,7 +103,8 @@ def _no_progress(description: str, total: int) -> Callable[..., None]:
 
 
 class RunLog:
-    """The run's event log, one JSON object per line in log.jsonl (main process only; None: no log)."""
+    """The run's event log, one JSON object per line in log.jsonl (main process only; None: no log). Each
+    line is appended under a lock on the file itself, so the shards of one folder never interleave lines."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -105,9 +112,17 @@ class RunLog:
     def event(self, kind: str, **fields) -> None:
         if self.path is None:
             return
+        import fcntl
+
         row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "event": kind, **fields}
+        line = dumps_strict(row) + "\n"  # strict JSON: NaN -> null, inf -> "inf" (qtmio.strict_json)
         with open(self.path, "a") as fh:
-            fh.write(dumps_strict(row) + "\n")  # strict JSON: NaN -> null, inf -> "inf" (qtmio.strict_json)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                fh.write(line)
+                fh.flush()
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------------------ the stages
@@ -362,8 +377,10 @@ def training_set(
 
 @dataclasses.dataclass
 class Run:
-    """An opened run (`open_run`): what every cell of it shares. `metrics` is the dataset of metrics.nc,
-    replaced by each recorded cell."""
+    """An opened run (`open_run`): what every cell of it shares. `metrics` is the dataset of metrics.nc as
+    this process last read or wrote it (its own conditions' cells are always current), replaced by each
+    recorded cell; `selected` are the conditions this process runs (all of the config's without a
+    selection)."""
 
     config: ChainConfig
     out_dir: Path
@@ -375,14 +392,15 @@ class Run:
     metrics: xr.Dataset
     notes: tuple[str, ...] = ()
     """What the user should know about the inputs (an older folder fingerprinted now, upscaled D_0 images)."""
-    lock: RunLock | None = None
-    """The run folder's lock (chain.runlock), held by the main process until `close`."""
+    locks: list[RunLock] | None = None
+    """The locks of the selected conditions (chain.runlock), held by the main process until `close`."""
+    selected: tuple[str, ...] = ()
 
     def close(self) -> None:
-        """Release the run folder (another process may open it from now on)."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        """Release the selected conditions (another process may run them from now on)."""
+        for lock in self.locks or ():
+            lock.release()
+        self.locks = None
 
     @property
     def metrics_path(self) -> Path:
@@ -403,42 +421,84 @@ class Run:
         return tuple(self.originals.captions[i // ipp] for i in range(len(self.originals) * ipp))
 
     def pending_cells(self) -> list[tuple[ConditionConfig, int]]:
-        """The (condition, iteration >= 1) cells not finished yet, in the order they run."""
+        """The (condition, iteration >= 1) cells of the selected conditions not finished yet, in the order
+        they run."""
         done = store.completed_cells(self.metrics)
-        return [(condition, k) for condition in self.config.conditions
+        return [(condition, k) for condition in self.config.conditions if condition.name in self.selected
                 for k in range(1, self.config.run.num_iterations + 1) if (condition.name, k) not in done]
 
-    def record(self, condition: str | None, iteration: int, **values) -> None:
-        """Record one finished cell (condition None: iteration 0 of every condition) and write metrics.nc."""
-        self.metrics = store.record(self.metrics, condition=condition, iteration=iteration, **values)
-        write_netcdf(self.metrics, self.metrics_path)
+    def record(self, condition: str | None, iteration: int, **values) -> bool:
+        """Record one finished cell (condition None: iteration 0 of every condition, unless another shard
+        recorded it already) into metrics.nc: read, fill and written atomically under the run-wide lock, so
+        the cells other shards recorded meanwhile are kept. Main process only. Returns whether it wrote."""
+        with run_folder_lock(self.out_dir):  # waits only while another shard records a cell: no note
+            metrics = _read_metrics(self.metrics_path) if self.metrics_path.exists() else self.metrics
+            write = condition is not None or (str(metrics.condition.values[0]), iteration) \
+                not in store.completed_cells(metrics)
+            if write:
+                metrics = store.record(metrics, condition=condition, iteration=iteration, **values)
+                write_netcdf(metrics, self.metrics_path)
+            self.metrics = metrics
+        return write
+
+
+def _read_metrics(path: Path) -> xr.Dataset:
+    return store.with_reference(read_netcdf(path))
+
+
+def _waiting_note(notify: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    if notify is None:
+        return None
+    return lambda holder: notify(f"waiting for the run folder's shared files, in use by {holder}")
+
+
+def select_conditions(config: ChainConfig, conditions: Sequence[str] | None) -> tuple[str, ...]:
+    """The names of the conditions to run, in the config's order: all of them for None, else those named
+    (each must be one of the config's; repeats count once). Raises RunError naming the unknown ones."""
+    names = [c.name for c in config.conditions]
+    if conditions is None:
+        return tuple(names)
+    unknown = [c for c in dict.fromkeys(conditions) if c not in names]
+    if unknown:
+        raise RunError(f"{{conditions}} {', '.join(map(repr, unknown))}: not a condition of the config; its "
+                       f"conditions are {', '.join(names)}", parameters=("conditions",))
+    if not conditions:
+        raise RunError("{conditions} names no condition; name one or more of " + ", ".join(names),
+                       parameters=("conditions",))
+    return tuple(n for n in names if n in set(conditions))
 
 
 def open_run(config: ChainConfig, out_dir: str | Path, *, encoder=None, stages: Stages | None = None,
-             progress: Progress | None = None) -> Run:
-    """Open (or reopen) the run folder of `config`: check the device and the base model's shapes
-    (chain.preflight), lock the folder for this process (chain.runlock; a folder another run holds raises
-    RunError naming it) and sweep the temporaries of killed writes, write D_0 for data.source = "toy", check
-    D_0 completely, check or write config.toml (a changed config is refused naming the fields, chain.resume)
-    and D_0's fingerprint (inputs.json, chain.inputs), build the base model and the stages, and read
-    metrics.nc (grown when run.num_iterations was raised, checked against the config) or create it with the
-    run's provenance. Raises ConfigError, DatasetError or RunError before anything is trained. The returned
-    Run holds the folder's lock: `close()` it when done."""
+             progress: Progress | None = None, conditions: Sequence[str] | None = None,
+             notify: Callable[[str], None] | None = None) -> Run:
+    """Open (or reopen) the run folder of `config` for the conditions named in `conditions` (None: all):
+    check the device and the base model's shapes (chain.preflight), take the locks of those conditions
+    (chain.runlock; a condition another process holds raises RunError naming it), then, under the run-wide
+    lock (waited for; `notify` is told): sweep the temporaries of killed writes, write D_0 for data.source =
+    "toy", check D_0 completely, check or write config.toml (a changed config is refused naming the fields,
+    chain.resume; the full config is stored whichever conditions run) and D_0's fingerprint (inputs.json,
+    chain.inputs), build the base model, and read metrics.nc (grown when run.num_iterations was raised,
+    checked against the config) or create it with the run's provenance. Then build the stages. Raises
+    ConfigError, DatasetError or RunError before anything is trained. The returned Run holds the
+    conditions' locks: `close()` it when done."""
     from chain.preflight import preflight
 
     preflight(config)
+    selected = select_conditions(config, conditions)
     out_dir = Path(out_dir)
-    lock = hold_run_folder(out_dir)
+    locks = hold_conditions(out_dir, selected)
     try:
-        return _open_locked(config, out_dir, lock, encoder=encoder, stages=stages, progress=progress)
+        run = _open_locked(config, out_dir, selected, encoder=encoder, stages=stages, progress=progress,
+                           notify=notify)
     except BaseException:
-        if lock is not None:
+        for lock in locks or ():
             lock.release()
         raise
+    return dataclasses.replace(run, locks=locks, selected=selected)
 
 
-def _open_locked(config: ChainConfig, out_dir: Path, lock: RunLock | None, *, encoder, stages: Stages | None,
-                 progress: Progress | None) -> Run:
+def _open_locked(config: ChainConfig, out_dir: Path, selected: tuple[str, ...], *, encoder, stages: Stages | None,
+                 progress: Progress | None, notify: Callable[[str], None] | None) -> Run:
     from accelerate import Accelerator
 
     from chain.inputs import check_or_record_inputs, prepare_data, upscale_note
@@ -453,46 +513,59 @@ def _open_locked(config: ChainConfig, out_dir: Path, lock: RunLock | None, *, en
             f"finetune.batch_size = {config.finetune.batch_size} is not divisible by the "
             f"{accelerator.num_processes} processes: the global batch is split evenly; change one of them"
         )
-    with accelerator.main_process_first():  # data.source = "toy": D_0 is written into the run folder once
-        data_path = prepare_data(config, out_dir)
-    originals = load_captioned_folder(
-        data_path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
-        format=config.data.format, center_crop=config.data.center_crop, max_images=config.data.max_images,
-    )
     is_main = accelerator.is_main_process
     notes: tuple[str, ...] = ()
-    if is_main:
-        _check_or_write_config(config, out_dir)
-        problem, input_note = check_or_record_inputs(config, data_path, out_dir)  # D_0 fingerprint
-        if problem:
-            raise RunError(problem, parameters=("out_dir",))
-        small = upscale_note(originals.root, originals.names, config.data.resolution)
-        notes = tuple(n for n in (input_note, small) if n)
-    accelerator.wait_for_everyone()
-    log = RunLog(out_dir / "log.jsonl" if is_main else None)
-    progress = progress if progress is not None and is_main else _no_progress
-    if stages is None:
-        with accelerator.main_process_first():  # the main process builds a "tiny" model folder once
-            base = resolve_base_model(config, out_dir)
-        stages = DiffusionStages(base, accelerator, log, progress)
-    measurer = Measurer(config.metrics, encoder if encoder is not None else build_encoder(config, accelerator.device),
-                        build_clip(config, accelerator.device))
-    accelerator.wait_for_everyone()
-    num_images = len(originals) * config.sampling.images_per_prompt
-    path = out_dir / METRICS_FILE
-    if path.exists():
-        metrics = store.with_reference(read_netcdf(path))
-        if metrics.sizes["iteration"] < config.run.num_iterations + 1:  # run.num_iterations raised: continue
-            from chain.resume import extend_iterations
+    # The shared state, prepared once whichever shard comes first (chain.runlock, the run-wide lock).
+    with run_folder_lock(out_dir, on_wait=_waiting_note(notify), main=is_main):
+        if is_main:
+            sweep_run_folder(out_dir, selected)
+        with accelerator.main_process_first():  # data.source = "toy": D_0 is written into the run folder once
+            data_path = prepare_data(config, out_dir)
+        originals = load_captioned_folder(
+            data_path, resolution=config.data.resolution, caption_extension=config.data.caption_extension,
+            format=config.data.format, center_crop=config.data.center_crop, max_images=config.data.max_images,
+        )
+        if is_main:
+            _check_or_write_config(config, out_dir)
+            problem, input_note = check_or_record_inputs(config, data_path, out_dir)  # D_0 fingerprint
+            if problem:
+                raise RunError(problem, parameters=("out_dir",))
+            small = upscale_note(originals.root, originals.names, config.data.resolution)
+            notes = tuple(n for n in (input_note, small) if n)
+        accelerator.wait_for_everyone()
+        log = RunLog(out_dir / "log.jsonl" if is_main else None)
+        progress = progress if progress is not None and is_main else _no_progress
+        if stages is None:
+            with accelerator.main_process_first():  # the main process builds a "tiny" model folder once
+                base = resolve_base_model(config, out_dir)
+            stages = DiffusionStages(base, accelerator, log, progress)
+        measurer = Measurer(config.metrics,
+                            encoder if encoder is not None else build_encoder(config, accelerator.device),
+                            build_clip(config, accelerator.device))
+        accelerator.wait_for_everyone()
+        num_images = len(originals) * config.sampling.images_per_prompt
+        path = out_dir / METRICS_FILE
+        if path.exists():
+            recorded = read_netcdf(path)
+            changed = REFERENCE_PHENOTYPE not in recorded  # a file from before the assay gains the variable
+            metrics = store.with_reference(recorded)
+            if metrics.sizes["iteration"] < config.run.num_iterations + 1:  # num_iterations raised: continue
+                from chain.resume import extend_iterations
 
-            metrics = extend_iterations(metrics, config.run.num_iterations, config_to_toml(config))
-        _check_resumed_metrics(config, metrics, path, num_images, data_path)
-    else:
-        metrics = _new_metrics(config, num_images, measurer.encoder)
-    if config.assay.images:
-        metrics[REFERENCE_PHENOTYPE].attrs["reference_scale"] = config.assay.reference_scale
-    return Run(config, out_dir, accelerator, originals, stages, measurer, log, metrics, notes, lock)
-
+                metrics = extend_iterations(metrics, config.run.num_iterations, config_to_toml(config))
+                changed = True
+            _check_resumed_metrics(config, metrics, path, num_images, data_path)
+        else:
+            metrics = _new_metrics(config, num_images, measurer.encoder)
+            changed = True
+        if config.assay.images and metrics[REFERENCE_PHENOTYPE].attrs.get("reference_scale") \
+                != config.assay.reference_scale:
+            metrics[REFERENCE_PHENOTYPE].attrs["reference_scale"] = config.assay.reference_scale
+            changed = True
+        if changed and is_main:  # from here on the folder holds results: shards compare configs with it
+            write_netcdf(metrics, path)
+        accelerator.wait_for_everyone()
+    return Run(config, out_dir, accelerator, originals, stages, measurer, log, metrics, notes)
 
 def _check_resumed_metrics(config: ChainConfig, metrics: xr.Dataset, path: Path, num_images: int,
                            data_path: Path) -> None:
@@ -541,8 +614,8 @@ def _new_metrics(config: ChainConfig, num_images: int, encoder) -> xr.Dataset:
 
 
 def record_originals(run: Run) -> None:
-    """Measure D_0 (its features are the reference of every later cell) and, the first time, record it as
-    iteration 0 of every condition."""
+    """Measure D_0 (its features are the reference of every later cell) and, the first time (whichever
+    shard comes first), record it as iteration 0 of every condition."""
     if not run.is_main:
         return
     originals = run.originals
@@ -551,10 +624,10 @@ def record_originals(run: Run) -> None:
     if (run.config.conditions[0].name, 0) in store.completed_cells(run.metrics):
         return
     metrics = run.measurer.metrics(m0, originals.images, list(originals.captions))
-    run.record(None, 0, hf_power=m0.hf_power, radial_psd=m0.radial_psd, angular_psd=m0.angular_psd,
-               metrics=metrics)
-    run.log.event("measured", condition="*", iteration=0, hf_power_mean=_finite_mean(m0.hf_power),
-                  num_undefined=int(np.isnan(m0.hf_power).sum()))
+    if run.record(None, 0, hf_power=m0.hf_power, radial_psd=m0.radial_psd, angular_psd=m0.angular_psd,
+                  metrics=metrics):
+        run.log.event("measured", condition="*", iteration=0, hf_power_mean=_finite_mean(m0.hf_power),
+                      num_undefined=int(np.isnan(m0.hf_power).sum()))
 
 
 def run_cell(run: Run, condition: ConditionConfig, k: int) -> None:
@@ -598,7 +671,7 @@ def run_cell(run: Run, condition: ConditionConfig, k: int) -> None:
                       **({} if hf_reference is None else {"hf_power_reference_mean": _finite_mean(hf_reference)}))
     run.accelerator.wait_for_everyone()
     if not run.is_main:
-        run.metrics = read_netcdf(run.metrics_path)
+        run.metrics = _read_metrics(run.metrics_path)
 
 
 def run_chain(
@@ -610,8 +683,10 @@ def run_chain(
     stages: Stages | None = None,
     after_cell: Callable[[str, int], None] | None = None,
     notify: Callable[[str], None] | None = None,
+    conditions: Sequence[str] | None = None,
 ) -> xr.Dataset:
-    """Run (or continue) the chain of `config` in `out_dir`; returns the final metrics dataset.
+    """Run (or continue) the chain of `config` in `out_dir`; returns the final metrics dataset (with the
+    cells of every condition finished so far, by this process or another).
 
     config: a ChainConfig, from `chain.config.load_config(path)` or built in code with
         `chain.config.config_from_dict({...})` (the same tables as a TOML file) or the dataclasses directly.
@@ -620,15 +695,19 @@ def run_chain(
     stages: the finetune+generate stage (default DiffusionStages on the configured base model).
     after_cell(condition, iteration): called after each finished cell has been written (a hook for
     callers and tests).
-    notify(message): told each note about the inputs (also written to log.jsonl as a "note" event).
+    notify(message): told each note about the inputs (also written to log.jsonl as a "note" event), and
+        when this process waits for another one preparing the shared state.
+    conditions: run only these conditions of the config (a shard, docs/scaling.md); None runs all. The
+        full config is stored and checked whichever conditions run.
     The dataset (D_0) is checked completely before anything is trained; problems raise DatasetError. One
-    process at a time runs in a folder (`open_run`).
+    process at a time runs a condition of a folder; processes with disjoint conditions share it (`open_run`).
     """
-    run = open_run(config, out_dir, encoder=encoder, stages=stages, progress=progress)
+    run = open_run(config, out_dir, encoder=encoder, stages=stages, progress=progress, conditions=conditions,
+                   notify=notify)
     try:
         pending = run.pending_cells()
-        total = len(config.conditions) * config.run.num_iterations
-        run.log.event("start", out_dir=str(run.out_dir), conditions=[c.name for c in config.conditions],
+        total = len(run.selected) * config.run.num_iterations
+        run.log.event("start", out_dir=str(run.out_dir), conditions=list(run.selected),
                       num_iterations=config.run.num_iterations, num_images=len(run.originals),
                       resumed=bool(store.completed_cells(run.metrics)))
         for note in run.notes:

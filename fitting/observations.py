@@ -16,10 +16,12 @@ Iteration 0 (the original images D_0) is the same real data for every condition 
 enters the likelihood once: conditions whose iteration-0 statistics coincide are merged, and distinct ones
 (e.g. different subsets of D_0) are pooled as one sample.
 
-A run still in progress can be fitted: the chain runs every iteration of one condition before the next, so
-conditions with no data at any iteration >= 1 yet are left out with a note ("condition X has no finished
-iteration yet; left out") that the fit reports among its warnings. Only when no condition has an iteration
->= 1 is the dataset refused.
+A run still in progress can be fitted (one process runs every iteration of one condition before the next;
+shards run several conditions at once, docs/scaling.md): conditions with no data at any iteration >= 1 yet
+are left out with a note ("condition X has no finished iteration yet; left out"), and conditions that stop
+short of the others' last iteration are fitted up to their last finished iteration with a note naming them;
+the fit reports both among its warnings. Only when no condition has an iteration >= 1 is the dataset
+refused.
 """
 
 from __future__ import annotations
@@ -253,7 +255,7 @@ def observations_from_dataset(ds: Any, *, source: str = "<dataset>") -> Observat
                            source=source)
     _check_content(obs, source)
     obs = dataclasses.replace(obs, kind=data_kind(ds))
-    return _note_iteration_zero(_drop_unfinished(obs))
+    return _note_iteration_zero(_note_partial(_drop_unfinished(obs)))
 
 
 def _check_content(obs: Observations, source: str) -> None:
@@ -297,6 +299,20 @@ def _drop_unfinished(obs: Observations) -> Observations:
         phenotypes=None if obs.phenotypes is None else obs.phenotypes[keep],
         notes=obs.notes + notes,
     )
+
+
+def _note_partial(obs: Observations) -> Observations:
+    """A note per condition whose data stop before the last iteration any condition reached (a shard still
+    running, or stopped): it is fitted up to its last finished iteration (cells without data carry no
+    likelihood)."""
+    have = obs.num_images > 0
+    last = np.where(have.any(axis=1), np.argmax(np.where(have, obs.iterations[None, :], -1), axis=1), -1)
+    reached = int(last.max()) if last.size else -1
+    notes = tuple(
+        f"condition {name} has finished iterations up to {int(obs.iterations[last[c]])} of "
+        f"{int(obs.iterations[reached])} (still running, or stopped); fitted up to there"
+        for c, name in enumerate(obs.conditions) if last[c] < reached)
+    return dataclasses.replace(obs, notes=obs.notes + notes) if notes else obs
 
 
 def _note_iteration_zero(obs: Observations) -> Observations:

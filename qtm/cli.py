@@ -10,7 +10,7 @@ import typer
 
 from qtm.commands.assay import assay
 from qtm.commands.chain_export import export
-from qtm.commands.chain_run import run
+from qtm.commands.chain_run import conditions, run
 from qtm.commands.demo import demo
 from qtm.commands.fit import fit
 from qtm.commands.recommend import recommend, recommend_check
@@ -40,6 +40,7 @@ def _main() -> None:
 app.command("simulate")(simulate)
 app.command("spectra")(spectra)
 chain_app.command("run")(run)
+chain_app.command("conditions")(conditions)
 chain_app.command("export")(export)
 app.command("fit")(fit)
 app.command("assay")(assay)

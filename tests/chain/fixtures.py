@@ -57,3 +57,50 @@ def tiny_config_dict(data_path: Path, *, latent: bool = True, num_iterations: in
 
 def tiny_config(data_path: Path, **kwargs):
     return config_from_dict(tiny_config_dict(data_path, **kwargs))
+
+
+class SeededStage:
+    """A stand-in finetune+generate stage for run_chain whose every image is a pure function of its seed and
+    the training set: (last training images + seeded noise) / 2, and reference images from the seeds alone.
+
+    Controlled by the environment, for tests that run it in subprocesses (tests/chain/test_shards.py):
+    SHARD_BARRIER (a folder) and SHARD_WAIT_FOR (condition names, comma-separated): at its first cell the stage
+    writes <barrier>/<condition>.started and waits until every named condition has written its file (so
+    shards provably run at once); SHARD_KILL = "<condition>:<iteration>": the process kills itself (SIGKILL)
+    while making that cell's reference set, after the cell's images were written.
+    """
+
+    def __init__(self):
+        self.started = False
+
+    def __call__(self, job):
+        import os
+        import time
+
+        from chain.run import IterationResult
+        from chain.sampling import make_generator
+
+        barrier = os.environ.get("SHARD_BARRIER")
+        if barrier and not self.started:
+            self.started = True
+            (Path(barrier) / f"{job.condition.name}.started").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 600
+            while not all((Path(barrier) / f"{c}.started").exists()
+                          for c in os.environ["SHARD_WAIT_FOR"].split(",")):
+                assert time.monotonic() < deadline, "the other shards never started"
+                time.sleep(0.05)
+        n = len(job.prompts)
+        noise = torch.stack([torch.rand(job.train_images.shape[1:], generator=make_generator(s)) for s in job.seeds])
+        return IterationResult(images=(0.5 * job.train_images[-n:] + 0.5 * noise).clamp(0, 1),
+                               train_loss=float(job.train_seed % 1000))
+
+    def reference(self, job, count, scale):
+        import os
+        import signal
+
+        from chain.sampling import make_generator
+
+        if os.environ.get("SHARD_KILL") == f"{job.condition.name}:{job.iteration}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        shape = job.train_images.shape[1:]
+        return torch.stack([torch.rand(shape, generator=make_generator(s + 1)) ** scale for s in job.seeds[:count]])

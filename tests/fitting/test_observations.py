@@ -149,6 +149,20 @@ def test_condition_without_later_iterations_is_left_out_with_a_note(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_condition_stopping_short_is_fitted_up_to_its_last_iteration_with_a_note(tmp_path):
+    # Shards: condition b has finished iterations 0 and 1 of 0..3 while a has all of them.
+    x = _phenotypes()
+    x[1, 2:] = np.nan
+    obs = load_observations(_write(results_dataset(x, CONDITIONS), tmp_path))
+    assert obs.conditions == ("a", "b")
+    np.testing.assert_array_equal(obs.num_images, [[50, 50, 50, 50], [50, 50, 0, 0]])
+    assert [n for n in obs.notes if "finished iterations" in n] == [
+        "condition b has finished iterations up to 1 of 3 (still running, or stopped); fitted up to there"]
+    complete = load_observations(_write(results_dataset(_phenotypes(), CONDITIONS), tmp_path, "c.nc"))
+    assert not [n for n in complete.notes if "finished iterations" in n]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_error_when_no_condition_has_a_later_iteration(tmp_path):
     x = _phenotypes()
     x[:, 1:] = np.nan
