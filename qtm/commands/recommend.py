@@ -290,9 +290,9 @@ def _render(summary: dict[str, Any], terminal) -> None:
     terminal.print(table)
     if summary["schedules"]:
         table = Table(title="Schedules: realized selection window (same prompts and seeds) and predicted drift")
-        for col in ("schedule", "parameters", "mean scale", "r1 [95 % CI]", "r2 [95 % CI]", "drift / iteration",
-                    "distance to D_0 (sd)", "wins (bootstrap)"):
-            table.add_column(col, justify="right")
+        for col in ("schedule", "parameters", "mean s", "r1 [95 % CI]", "r2 [95 % CI]", "drift / it.",
+                    "dist. D_0 (sd)", "wins"):
+            table.add_column(col, justify="right", overflow="fold")
         for q in summary["schedules"]:
             r1, r2 = q["r1"], q["r2"]
             parameters = {k: v for k, v in q["parameters"].items() if k != "schedule" and v != 0}
