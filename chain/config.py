@@ -270,20 +270,26 @@ def config_problems(config: ChainConfig) -> list[str]:
             problems += field_problems(getattr(config, f.name), f.name)
     names = [c.name for c in config.conditions]
     for i, c in enumerate(config.conditions):
-        own = field_problems(c, f"conditions[{i}]")
-        problems += own
+        problems += condition_problems(c, f"conditions[{i}]")
         if names.count(c.name) > 1 and names.index(c.name) < i:
             problems.append(f"field 'conditions[{i}].name' = {show_value(c.name)}: must be unique (used twice)")
-        g = c.guidance
-        if not own and hasattr(g, "sigma_low") and hasattr(g, "sigma_high") and not g.sigma_low < g.sigma_high:
-            problems.append(f"fields 'conditions[{i}].sigma_low' = {show_value(g.sigma_low)}, "
-                            f"'conditions[{i}].sigma_high' = {show_value(g.sigma_high)}: must have sigma_low < sigma_high")
     if problems:  # cross-field rules assume every field is in range
         return problems
     for fields, ok, allowed in CROSS_FIELD_RULES:
         if not ok(config):
             shown = ", ".join(f"'{name}' = {_field_value(config, name)}" for name in fields)
             problems.append(f"{'field' if len(fields) == 1 else 'fields'} {shown}: {allowed}")
+    return problems
+
+
+def condition_problems(condition: ConditionConfig, field: str) -> list[str]:
+    """The declared constraints of one condition's fields (named `field.key`), then its schedule's own
+    consistency (an interval needs sigma_low < sigma_high)."""
+    problems = field_problems(condition, field)
+    g = condition.guidance
+    if not problems and hasattr(g, "sigma_low") and hasattr(g, "sigma_high") and not g.sigma_low < g.sigma_high:
+        problems.append(f"fields '{field}.sigma_low' = {show_value(g.sigma_low)}, "
+                        f"'{field}.sigma_high' = {show_value(g.sigma_high)}: must have sigma_low < sigma_high")
     return problems
 
 
@@ -352,8 +358,17 @@ def _build(cls: type, table: dict, prefix: str, where: str, renames: dict[str, s
     return cls(**kwargs)
 
 
-def _condition(table: dict, index: int, where: str) -> ConditionConfig:
-    field = f"conditions[{index}]"
+def read_condition(table: dict, field: str, where: str) -> ConditionConfig:
+    """One condition from its table (the keys of a [[conditions]] table: name, schedule, its fields,
+    condition_drop), checked on its own (condition_problems); errors name `where` and `field.key`."""
+    condition = _condition(table, field, where)
+    problems = condition_problems(condition, field)
+    if problems:
+        raise ConfigError("\n".join(f"{where}: {p}" for p in problems))
+    return condition
+
+
+def _condition(table: dict, field: str, where: str) -> ConditionConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: '{field}' must be a table")
     table = dict(table)
@@ -389,7 +404,7 @@ def config_from_dict(data: dict, *, where: str = "config", base_dir: Path | None
         raise ConfigError(f"{where}: missing required field 'conditions' (one [[conditions]] table per condition)")
     if not isinstance(conditions_raw, list):
         raise ConfigError(f"{where}: 'conditions' must be an array of tables ([[conditions]])")
-    conditions = tuple(_condition(t, i, where) for i, t in enumerate(conditions_raw))
+    conditions = tuple(_condition(t, f"conditions[{i}]", where) for i, t in enumerate(conditions_raw))
     data = _sdxl_default_resolution(data)
     sections = {f.name: f for f in dataclasses.fields(ChainConfig) if f.name != "conditions"}
     unknown = sorted(set(data) - set(sections))

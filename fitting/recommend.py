@@ -23,7 +23,13 @@ every image. This module turns those arrays into a recommendation; it is numpy/s
 4. the recommended scale: the one whose predicted D_1..D_K stay closest to D_0 on average,
    mean_k |phenotype(D_k) - mean(D_0)| / sd(D_0) (`recommend`), searched on a fine grid in log s between
    the smallest and the largest scale of the pilot; its interval comes from the bootstrap over images through
-   the whole pipeline (windows, curves, recursion, arg min).
+   the whole pipeline (windows, curves, recursion, arg min);
+5. guidance schedules (ReDiFine's s_t = s0 exp(-alpha t / T) and the others the chain samples), when the
+   pilot generated them: each one's window by the same estimator from its own guided set, its trajectory
+   through the same recursion (same reference population and heritability), its distance to D_0. A schedule
+   has no scale axis, so it stays out of the curves; it competes with the best constant scale, and the
+   recommendation is whichever keeps D_1..D_K closest to D_0, with the fraction of bootstrap replicates
+   that agree (`bootstrap_support`).
 
 The drift per iteration reported for each scale is (phenotype(D_K) - phenotype(D_1)) / (K - 1), the
 recursion's counterpart of the collapse rate (Eq. 3); Theorem 1 makes it zero for a centred window
@@ -90,6 +96,26 @@ class RecommendConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScheduleData:
+    """One guidance schedule of a pilot: its images share prompts and seeds with the scales' sets.
+
+    Attributes:
+        name: its label.
+        parameters: the schedule's table (`schedule` and its fields, `condition_drop`), reported as given.
+        mean_scale: the mean of its per-step scales over the sampling steps (where a figure places it).
+        guided: (n,) phenotypes of M_0's images under the schedule.
+        reference_next: (n,) or None: the reference set of M_0 finetuned once on those images (with the
+            schedule's condition drop).
+    """
+
+    name: str
+    parameters: dict[str, Any]
+    mean_scale: float
+    guided: np.ndarray
+    reference_next: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class PilotData:
     """A pilot's phenotypes. Image i of every set shares its prompt and seed (NaN: undefined phenotype).
 
@@ -101,6 +127,7 @@ class PilotData:
         reference_next: (S, n) or None: the reference set of M_1^s, M_0 finetuned once on the images guided at
             scale s (the pilot's `--after-iterations 1`); gives the response and the heritability.
         reference_scale: the scale of the reference set.
+        schedules: guidance schedules generated with the same prompts and seeds (ScheduleData).
     """
 
     scales: np.ndarray
@@ -109,6 +136,7 @@ class PilotData:
     originals: np.ndarray
     reference_next: np.ndarray | None = None
     reference_scale: float = 1.0
+    schedules: tuple[ScheduleData, ...] = ()
 
     def validate(self) -> None:
         scales = np.asarray(self.scales, float)
@@ -125,6 +153,17 @@ class PilotData:
         if self.reference_next is not None and np.shape(self.reference_next) != (scales.size, n):
             raise RecommendError(f"reference_next has shape {np.shape(self.reference_next)}, expected "
                                  f"({scales.size}, {n})")
+        names = [q.name for q in self.schedules]
+        if len(set(names)) != len(names):
+            raise RecommendError(f"schedule names must be distinct; got {names}", parameters=("schedules",))
+        for q in self.schedules:
+            if np.shape(q.guided) != (n,):
+                raise RecommendError(f"schedule {q.name!r}: guided phenotypes have shape {np.shape(q.guided)}, "
+                                     f"expected ({n},)")
+            if (q.reference_next is None) != (self.reference_next is None) or (
+                    q.reference_next is not None and np.shape(q.reference_next) != (n,)):
+                raise RecommendError(f"schedule {q.name!r}: reference_next must be given (shape ({n},)) exactly "
+                                     "when the scales have one")
         if np.sum(np.isfinite(self.reference)) < 8 or np.sum(np.isfinite(self.originals)) < 2:
             raise RecommendError("a pilot needs at least 8 images with a defined phenotype ({images}) and 2 "
                                  "images of D_0", parameters=("images",))
@@ -221,11 +260,14 @@ def _nanvar(x, axis=-1):
 
 def pipeline(guided: np.ndarray, reference: np.ndarray, originals: np.ndarray, reference_next: np.ndarray | None,
              scales: np.ndarray, grid: np.ndarray, *, num_iterations: int,
-             heritability: float | np.ndarray | None) -> dict[str, np.ndarray]:
+             heritability: float | np.ndarray | None, schedule_guided: np.ndarray | None = None,
+             schedule_next: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The whole recommendation for a batch of replicates (leading axis B): guided (B, S, n), reference (B, n),
-    originals (B, N0), reference_next (B, S, n) or None. Returns per replicate the windows and S per scale,
-    the curve parameters, the heritability used, predicted phenotypes, drift and distance at the pilot's
-    scales (B, S[, K]) and on `grid` (B, G), and the recommended scale (B,)."""
+    originals (B, N0), reference_next (B, S, n) or None, schedule_guided (B, Q, n) and schedule_next
+    (B, Q, n) or None. Returns per replicate the windows and S per scale, the curve parameters, the
+    heritability used, predicted phenotypes, drift and distance at the pilot's scales (B, S[, K]) and on
+    `grid` (B, G), the best constant scale `recommended` (B,), the same per schedule (`schedule_*`, (B, Q)),
+    and `choice` (B,): -1 when the best constant scale is closest to D_0, q when schedule q is."""
     B, S, n = guided.shape
     r1, r2 = window_empirical(guided.reshape(B * S, n), np.repeat(reference, S, axis=0))
     r1, r2 = r1.reshape(B, S), r2.reshape(B, S)
@@ -260,6 +302,29 @@ def pipeline(guided: np.ndarray, reference: np.ndarray, originals: np.ndarray, r
     dist = np.where(np.isfinite(out["grid_distance"]), out["grid_distance"], np.inf)
     best = np.argmin(dist, axis=-1)
     out["recommended"] = np.where(np.isfinite(dist).any(axis=-1), grid[best], np.nan)
+    best_distance = np.min(dist, axis=-1)
+    if schedule_guided is not None and schedule_guided.shape[1] > 0:
+        q = schedule_guided.shape[1]
+        w1, w2 = window_empirical(schedule_guided.reshape(B * q, n), np.repeat(reference, q, axis=0))
+        w1, w2 = w1.reshape(B, q), w2.reshape(B, q)
+        differential_q = _nanmean(schedule_guided) - ref_mean[:, None]
+        phen = predict_chain(w1, w2, heritability=h2[:, None], mean=ref_mean[:, None],
+                             var_phenotype=ref_var[:, None], num_iterations=num_iterations)
+        out.update(schedule_r1=w1, schedule_r2=w2, schedule_selection_differential=differential_q,
+                   schedule_phenotype=phen, schedule_drift=drift_per_iteration(phen),
+                   schedule_distance=distance_to_originals(phen, mean0[:, None], sd0[:, None]),
+                   schedule_selection_differential_predicted=phen[..., 0] - ref_mean[:, None])
+        if schedule_next is not None:
+            response_q = _nanmean(schedule_next) - ref_mean[:, None]
+            out["schedule_response"] = response_q
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["schedule_heritability_realized"] = response_q / differential_q
+        candidates = np.concatenate([best_distance[:, None], out["schedule_distance"]], axis=-1)
+        candidates = np.where(np.isfinite(candidates), candidates, np.inf)
+        choice = np.argmin(candidates, axis=-1) - 1.0  # ties go to the constant scale
+        out["choice"] = np.where(np.isfinite(candidates).any(axis=-1), choice, np.nan)
+    else:
+        out["choice"] = np.where(np.isfinite(best_distance), -1.0, np.nan)
     return out
 
 
@@ -274,8 +339,21 @@ class Recommendation:
     replicates: dict[str, np.ndarray]
     config: RecommendConfig
     heritability_source: str  # "measured", "given" or "default"
-    sensitivity: list[dict[str, float]]
+    sensitivity: list[dict[str, Any]]
     reference_scale: float
+    schedules: tuple[ScheduleData, ...] = ()
+
+    @property
+    def winner(self) -> str | None:
+        """The name of the schedule that keeps the chain closest to D_0, or None when a constant scale does."""
+        choice = float(self.estimate["choice"])
+        return self.schedules[int(choice)].name if math.isfinite(choice) and choice >= 0 else None
+
+    def support(self) -> float | None:
+        """The fraction of bootstrap replicates whose choice (the constant scale, or the winning schedule)
+        is the estimate's."""
+        choice = float(self.estimate["choice"])
+        return float(np.mean(self.replicates["choice"] == choice)) if math.isfinite(choice) else None
 
     def interval(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         alpha = 1.0 - self.config.confidence
@@ -304,23 +382,34 @@ def recommend(data: PilotData, config: RecommendConfig = RecommendConfig(), *,
         h2, source = None, "measured"
     else:
         h2, source = DEFAULT_HERITABILITY, "default"
-    kw = dict(num_iterations=config.num_iterations, heritability=h2)
-    estimate = pipeline(guided[None], reference[None], originals[None], None if nxt is None else nxt[None],
-                        scales, grid, **kw)
-    estimate = {k: v[0] for k, v in estimate.items()}
+    schedules = tuple(data.schedules)
+    sched = np.array([np.asarray(q.guided, float) for q in schedules]).reshape(len(schedules), reference.size)
+    sched_next = None if nxt is None else np.array([np.asarray(q.reference_next, float) for q in schedules]
+                                                   ).reshape(len(schedules), reference.size)
+
+    def run(idx, idx0, heritability):
+        """`pipeline` on the images idx (B, n) (pairs by seed kept across every set) and D_0's idx0."""
+        return pipeline(guided[:, idx].transpose(1, 0, 2), reference[idx], originals[idx0],
+                        None if nxt is None else nxt[:, idx].transpose(1, 0, 2), scales, grid,
+                        num_iterations=config.num_iterations, heritability=heritability,
+                        schedule_guided=sched[:, idx].transpose(1, 0, 2),
+                        schedule_next=None if sched_next is None else sched_next[:, idx].transpose(1, 0, 2))
+
     n, n0, B = reference.size, originals.size, config.num_bootstrap
-    idx = rng.integers(0, n, size=(B, n))
-    idx0 = rng.integers(0, n0, size=(B, n0))
-    replicates = pipeline(guided[:, idx].transpose(1, 0, 2), reference[idx], originals[idx0],
-                          None if nxt is None else nxt[:, idx].transpose(1, 0, 2), scales, grid, **kw)
+    every, every0 = np.arange(n)[None], np.arange(n0)[None]
+    estimate = {k: v[0] for k, v in run(every, every0, h2).items()}
+    replicates = run(rng.integers(0, n, size=(B, n)), rng.integers(0, n0, size=(B, n0)), h2)
     sensitivity = []
     if source == "default":
         for value in HERITABILITY_SENSITIVITY:
-            alt = pipeline(guided[None], reference[None], originals[None], None, scales, grid,
-                           num_iterations=config.num_iterations, heritability=value)
+            alt = run(every, every0, value)
+            choice = float(alt["choice"][0])
             sensitivity.append({"heritability": value, "recommended_scale": float(alt["recommended"][0]),
-                                "predicted_drift": [float(x) for x in alt["drift"][0]]})
-    return Recommendation(scales, grid, estimate, replicates, config, source, sensitivity, data.reference_scale)
+                                "recommended_schedule": schedules[int(choice)].name if choice >= 0 else None,
+                                "predicted_drift": [float(x) for x in alt["drift"][0]],
+                                "schedule_predicted_drift": [float(x) for x in alt.get("schedule_drift", [[]])[0]]})
+    return Recommendation(scales, grid, estimate, replicates, config, source, sensitivity, data.reference_scale,
+                          schedules)
 
 
 # ------------------------------------------------------------------------------------------------ JSON
@@ -337,11 +426,44 @@ def _intervals(rec: Recommendation, name: str) -> list[dict[str, float | None]]:
             for e, a, b in zip(rec.estimate[name], lo, hi)]
 
 
+def _interval(rec: Recommendation, name: str, q: int) -> dict[str, float | None]:
+    lo, hi = rec.interval(name)
+    return {"estimate": _num(rec.estimate[name][q]), "lower": _num(lo[q]), "upper": _num(hi[q])}
+
+
+def _schedules_json(rec: Recommendation) -> list[dict[str, Any]]:
+    out = []
+    for q, schedule in enumerate(rec.schedules):
+        entry = {"name": schedule.name, "parameters": dict(schedule.parameters),
+                 "mean_scale": _num(schedule.mean_scale),
+                 "r1": _interval(rec, "schedule_r1", q), "r2": _interval(rec, "schedule_r2", q),
+                 "selection_differential": _interval(rec, "schedule_selection_differential", q),
+                 "selection_differential_predicted": _interval(rec, "schedule_selection_differential_predicted", q),
+                 "predicted_drift": _num(rec.estimate["schedule_drift"][q]),
+                 "predicted_drift_interval": _interval(rec, "schedule_drift", q),
+                 "distance": _num(rec.estimate["schedule_distance"][q]),
+                 "distance_interval": _interval(rec, "schedule_distance", q),
+                 "bootstrap_wins": float(np.mean(rec.replicates["choice"] == q))}
+        if "schedule_response" in rec.estimate:
+            entry["response"] = _interval(rec, "schedule_response", q)
+            entry["heritability_realized"] = _interval(rec, "schedule_heritability_realized", q)
+        elif schedule.parameters.get("condition_drop"):
+            entry["note"] = ("condition_drop acts on finetuning, which this pilot did not do "
+                             "(--after-iterations 1 measures its response); the prediction ignores it")
+        out.append(entry)
+    return out
+
+
 def recommendation_json(rec: Recommendation, cost: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON summary (strict: NaN becomes null, infinities "inf"/"-inf", as every command writes): {"scales", "r1", "r2", "predicted_drift",
-    "recommended": {"scale", "lower", "upper"}, "cost", ...}."""
+    "recommended": {"scale", "lower", "upper", "schedule", "bootstrap_support"}, "best_constant_scale",
+    "schedules", "cost", ...} (docs/recommend.md, JSON)."""
     lo, hi = rec.interval("recommended")
     h_lo, h_hi = rec.interval("heritability")
+    best = {"scale": _num(rec.estimate["recommended"]), "lower": _num(lo), "upper": _num(hi)}
+    winner = rec.winner
+    recommended = ({"scale": None, "lower": None, "upper": None} if winner is not None else dict(best))
+    recommended.update(schedule=winner, bootstrap_support=rec.support())
     out = {
         "scales": [float(s) for s in rec.scales],
         "r1": _intervals(rec, "r1"),
@@ -351,14 +473,19 @@ def recommendation_json(rec: Recommendation, cost: dict[str, Any] | None = None)
         "predicted_drift": [_num(x) for x in rec.estimate["drift"]],
         "predicted_drift_interval": _intervals(rec, "drift"),
         "predicted_distance": [_num(x) for x in rec.estimate["distance"]],
-        "recommended": {"scale": _num(rec.estimate["recommended"]), "lower": _num(lo), "upper": _num(hi)},
+        "recommended": recommended,
+        "best_constant_scale": best,
+        "schedules": _schedules_json(rec),
         "curves": {name: {"a": _num(rec.estimate["a" + name[1]]), "b": _num(rec.estimate["b" + name[1]])}
                    for name in ("r1", "r2")},
         "heritability": {"estimate": _num(rec.estimate["heritability"]), "lower": _num(h_lo),
                          "upper": _num(h_hi), "source": rec.heritability_source},
         "heritability_sensitivity": [
             {"heritability": s["heritability"], "recommended_scale": _num(s["recommended_scale"]),
-             "predicted_drift": [_num(x) for x in s["predicted_drift"]]} for s in rec.sensitivity],
+             "recommended_schedule": s["recommended_schedule"],
+             "predicted_drift": [_num(x) for x in s["predicted_drift"]],
+             "schedule_predicted_drift": [_num(x) for x in s["schedule_predicted_drift"]]}
+            for s in rec.sensitivity],
         "num_iterations": rec.config.num_iterations,
         "reference_scale": rec.reference_scale,
         "num_bootstrap": rec.config.num_bootstrap,
@@ -422,7 +549,9 @@ def compare_with_study(recommendation: dict[str, Any], measured: dict[float, flo
     predicted = np.array([c[1] for c in common])
     rate = np.array([c[2] for c in common])
     rho, p = stats.spearmanr(predicted, rate)
-    rec = recommendation["recommended"]["scale"]
+    # the best constant scale (the overall recommendation may be a schedule, which a study's constant
+    # conditions cannot rank)
+    rec = recommendation.get("best_constant_scale", recommendation["recommended"])["scale"]
     nearest = float(s_common[np.argmin(np.abs(np.log(s_common) - math.log(rec)))]) if rec else None
     best_two = [float(s) for s in s_common[np.argsort(rate, kind="stable")[:2]]]
     return to_strict_json({"scales": s_common.tolist(), "predicted_abs_drift": predicted.tolist(),

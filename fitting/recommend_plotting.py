@@ -1,5 +1,7 @@
 """The figure of `qtm recommend`: the realized window r1(s), r2(s) per scale with its curves and intervals, the
-predicted drift per iteration and the predicted distance to D_0 per scale, the recommended scale marked."""
+predicted drift per iteration and the predicted distance to D_0 per scale, the recommended scale marked.
+Guidance schedules appear as open markers at their mean scale over the sampling steps (they are not on the
+curves: a schedule has no single scale)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,22 @@ def _points(ax, x, rec, name: str, color: str, label: str, marker: str = "o") ->
     y = rec.estimate[name]
     ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt=marker, color=color,
                 ms=5, capsize=3, label=label)
+
+
+SCHEDULE_MARKERS = "D^v<>ph*"
+
+
+def _schedule_points(ax, rec, name: str, color: str, label: str | None) -> None:
+    """Schedule q's estimate of `schedule_<name>` with its interval, an open marker at its mean scale."""
+    if not rec.schedules:
+        return
+    lo, hi = rec.interval("schedule_" + name)
+    y = rec.estimate["schedule_" + name]
+    for q, schedule in enumerate(rec.schedules):
+        ax.errorbar([schedule.mean_scale], [y[q]], yerr=[[max(y[q] - lo[q], 0)], [max(hi[q] - y[q], 0)]],
+                    fmt=SCHEDULE_MARKERS[q % len(SCHEDULE_MARKERS)], mfc="white", color=color, ms=7, capsize=3,
+                    label=f"{label or name}: {schedule.name}" + (" (recommended)" if schedule.name == rec.winner
+                                                                   else ""))
 
 
 def _mark(ax, rec) -> None:
@@ -52,7 +70,10 @@ def plot_recommendation(rec, path: str | Path) -> Path:
     _band(ax, rec.grid, rec, "grid_r2", "C3", "r2(s) curve (right tail)")
     _points(ax, rec.scales, rec, "r1", "C0", "r1 assayed")
     _points(ax, rec.scales, rec, "r2", "C3", "r2 assayed", marker="s")
-    upper = max(np.nanmax(np.concatenate([rec.interval(n)[1] for n in ("r1", "r2", "grid_r1", "grid_r2")])), 0.1)
+    _schedule_points(ax, rec, "r1", "C0", "r1")
+    _schedule_points(ax, rec, "r2", "C3", "r2")
+    names = ("r1", "r2", "grid_r1", "grid_r2") + (("schedule_r1", "schedule_r2") if rec.schedules else ())
+    upper = max(np.nanmax(np.concatenate([rec.interval(n)[1] for n in names])), 0.1)
     ax.set_ylim(-0.02, min(1.0, 1.15 * upper + 0.03))
     ax.set_ylabel("fraction of the reference set cut")
     ax.set_title("Realized selection window\n(assayed against the reference scale)", fontsize=11)
@@ -62,6 +83,7 @@ def plot_recommendation(rec, path: str | Path) -> Path:
     _mark(ax, rec)
     _band(ax, rec.grid, rec, "grid_drift", "C2", "from the curves")
     _points(ax, rec.scales, rec, "drift", "C2", "at the pilot's scales")
+    _schedule_points(ax, rec, "drift", "C1", "schedule")
     ax.axhline(0, color="0.4", lw=0.8)
     ax.set_ylabel("phenotype drift per iteration")
     h2 = rec.estimate["heritability"]
@@ -73,10 +95,13 @@ def plot_recommendation(rec, path: str | Path) -> Path:
     _mark(ax, rec)
     _band(ax, rec.grid, rec, "grid_distance", "C4", "from the curves")
     _points(ax, rec.scales, rec, "distance", "C4", "at the pilot's scales")
+    _schedule_points(ax, rec, "distance", "C1", "schedule")
     ax.set_ylabel("mean |phenotype(D_k) - D_0| / sd(D_0)")
     lo, hi = rec.interval("recommended")
-    ax.set_title(f"Distance to D_0 over K iterations\nrecommended s = {float(rec.estimate['recommended']):.2f} "
-                 f"(95 % interval {lo:.2f} to {hi:.2f})", fontsize=11)
+    best = (f"s = {float(rec.estimate['recommended']):.2f} (95 % interval {lo:.2f} to {hi:.2f})")
+    title = (f"recommended {best}" if rec.winner is None else
+             f"recommended: schedule {rec.winner} (bootstrap support {rec.support():.2f})\nbest constant {best}")
+    ax.set_title(f"Distance to D_0 over K iterations\n{title}", fontsize=11 if rec.winner is None else 9)
     ax.legend(fontsize=8, loc="best")
     for ax in axes:
         _scale_axis(ax, rec)

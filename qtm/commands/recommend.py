@@ -1,5 +1,6 @@
-"""`qtm recommend CONFIG --scales 1,1.5,2.5,5,7.5`: choose a CFG scale from a cheap pilot instead of running
-the chain at every scale (docs/recommend.md).
+"""`qtm recommend CONFIG --scales 1,1.5,2.5,5,7.5 [--schedule exponential:scale=7.5,alpha=2]`: choose a CFG
+scale, or a guidance schedule, from a cheap pilot instead of running the chain at every scale
+(docs/recommend.md).
 
 The shell glues the pilot (chain.pilot: M_0's images at every scale and at the reference scale, measured)
 to the arithmetic (fitting.recommend: assayed windows, curves r1(s), r2(s), qtm's recursion, the bootstrap),
@@ -20,7 +21,8 @@ from qtm.commands.common import (JsonFlag, PlotOut, check_output, console, fail,
                                  reported, writing)
 
 FLAGS = {"scales": "--scales", "images": "--images", "after_iterations": "--after-iterations",
-         "num_iterations": "--iterations", "heritability": "--heritability", "num_bootstrap": "--bootstrap-samples"}
+         "num_iterations": "--iterations", "heritability": "--heritability", "num_bootstrap": "--bootstrap-samples",
+         "schedules": "--schedule"}
 
 TOY_FINETUNE_SAMPLES_PER_S = 8.4
 """The toy world's finetuning rate on the 2-core CPU machine of benchmarks/RESULTS.md ("Toy loop", batch 6,
@@ -45,6 +47,13 @@ def recommend(
     config: Annotated[Path, typer.Argument(help="TOML config of the chain to choose a scale for.")],
     scales: Annotated[str, typer.Option("--scales", help="Candidate constant CFG scales, comma-separated.")]
     = "1,1.5,2.5,5,7.5",
+    schedule: Annotated[list[str] | None, typer.Option(
+        "--schedule", help="A guidance schedule to assay beside the scales, NAME:KEY=VALUE,... with the keys of a "
+                           "[[conditions]] table (e.g. exponential:scale=7.5,alpha=2; also condition_drop=, "
+                           "name=); repeatable.")] = None,
+    config_schedules: Annotated[bool, typer.Option(
+        "--config-schedules", help="Also assay the config's [[conditions]] whose schedule is not constant.")]
+    = False,
     images: Annotated[int, typer.Option("--images", help="Pilot images per scale (same prompts and seeds).")] = 128,
     after_iterations: Annotated[int, typer.Option(
         "--after-iterations", help="1: also finetune M_0 once on each scale's images and measure the response "
@@ -65,24 +74,33 @@ def recommend(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
     json_output: JsonFlag = False,
 ) -> None:
-    """Generate from M_0 at every scale and at the reference scale (shared seeds), assay the realized selection
-    window of each scale, fit r1(s), r2(s), predict each scale's phenotype trajectory with qtm's recursion and
-    recommend the scale that keeps it closest to D_0, with a bootstrap interval and the cost against the chain."""
+    """Generate from M_0 at every scale, every schedule and the reference scale (shared seeds), assay the
+    realized selection window of each, fit r1(s), r2(s) over the scales, predict each scale's and schedule's
+    phenotype trajectory with qtm's recursion and recommend the one that keeps it closest to D_0, with a
+    bootstrap interval and the cost against the chain."""
     import tempfile
 
     import numpy as np
 
     from chain.config import load_config
-    from chain.pilot import check_pilot, run_pilot
+    from chain.pilot import check_pilot, config_schedules as schedules_of, parse_schedule, run_pilot
     from fitting.recommend import PilotData, RecommendConfig, recommend as recommend_scale, recommendation_json
 
     scale_values = parse_scales(scales)
     check_output("--plot", plot)
     if out is not None and out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder")
+    if pilot_file is not None and (schedule or config_schedules):
+        fail("--pilot reuses the schedules of its file; drop --schedule and --config-schedules")
     with reported(FLAGS):
         cfg = load_config(config)
-        check_pilot(cfg, scale_values, images, after_iterations)
+        schedules = tuple(parse_schedule(text) for text in schedule or ())
+        if config_schedules:
+            own = schedules_of(cfg)
+            if not own:
+                fail(f"--config-schedules: {config} has no [[conditions]] with a non-constant schedule")
+            schedules += own
+        check_pilot(cfg, scale_values, images, after_iterations, schedules)
         rec_config = RecommendConfig(num_iterations=iterations or cfg.run.num_iterations,
                                      heritability=heritability, num_bootstrap=bootstrap_samples)
         rec_config.validate()
@@ -94,9 +112,9 @@ def recommend(
             images = pilot.reference.size
         else:
             pilot = run_pilot(cfg, out if out is not None else scratch, scales=scale_values, images=images,
-                              after_iterations=after_iterations, progress=bars)
+                              after_iterations=after_iterations, schedules=schedules, progress=bars)
         data = PilotData(np.asarray(pilot.scales), pilot.guided, pilot.reference, pilot.originals,
-                         pilot.reference_next, pilot.reference_scale)
+                         pilot.reference_next, pilot.reference_scale, schedules=schedule_data(pilot))
         result = recommend_scale(data, rec_config, rng=np.random.default_rng(seed))
     cost = cost_summary(cfg, pilot, num_iterations=rec_config.num_iterations, images=images)
     summary = recommendation_json(result, cost)
@@ -127,19 +145,43 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def schedule_data(pilot) -> tuple:
+    """The pilot's schedules as fitting.recommend.ScheduleData (mean scale over the sampling steps)."""
+    import numpy as np
+
+    from fitting.recommend import ScheduleData
+
+    return tuple(
+        ScheduleData(name, dict(parameters), float(np.mean(pilot.schedule_step_scales[k])), pilot.schedule_guided[k],
+                     None if pilot.schedule_reference_next is None else pilot.schedule_reference_next[k])
+        for k, (name, parameters) in enumerate(zip(pilot.schedule_names, pilot.schedule_parameters)))
+
+
 def pilot_dataset(pilot, config: str):
     """The pilot's phenotypes as a dataset: guided (scale, image), reference (image), originals, and
-    reference_next (scale, image) after one finetuning when measured."""
+    reference_next (scale, image) after one finetuning when measured; with schedules, hf_power_schedule
+    (schedule, image), schedule_step_scale (schedule, step), schedule_parameters (schedule: a JSON table)
+    and hf_power_schedule_reference_next (schedule, image)."""
     import xarray as xr
+
+    from qtmio.strict_json import dumps_strict
 
     data = {"hf_power": (("scale", "image"), pilot.guided),
             "hf_power_reference": (("image",), pilot.reference),
             "hf_power_originals": (("original",), pilot.originals)}
     if pilot.reference_next is not None:
         data["hf_power_reference_next"] = (("scale", "image"), pilot.reference_next)
+    coords = {"scale": list(pilot.scales)}
+    if pilot.schedule_names:
+        coords["schedule"] = list(pilot.schedule_names)
+        data["hf_power_schedule"] = (("schedule", "image"), pilot.schedule_guided)
+        data["schedule_step_scale"] = (("schedule", "step"), pilot.schedule_step_scales)
+        data["schedule_parameters"] = (("schedule",), [dumps_strict(p) for p in pilot.schedule_parameters])
+        if pilot.schedule_reference_next is not None:
+            data["hf_power_schedule_reference_next"] = (("schedule", "image"), pilot.schedule_reference_next)
     attrs = {"reference_scale": pilot.reference_scale, "config": config,
              **{f"cost_{k}": float(v) for k, v in pilot.cost.items()}}
-    return xr.Dataset(data, coords={"scale": list(pilot.scales)}, attrs=attrs)
+    return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
 def read_pilot(path: Path):
@@ -158,22 +200,36 @@ def read_pilot(path: Path):
         fail(f"--pilot {path} lacks {', '.join(missing)}: give the pilot.nc that qtm recommend --out wrote")
     nxt = ds["hf_power_reference_next"].values if "hf_power_reference_next" in ds else None
     cost = {k[len("cost_"):]: float(v) for k, v in ds.attrs.items() if k.startswith("cost_")}
+    cost.setdefault("schedule_images", 0.0)  # a pilot written before schedules were assayed
+    schedules = {}
+    if "hf_power_schedule" in ds:
+        try:
+            parameters = tuple(json.loads(str(p)) for p in ds["schedule_parameters"].values)
+        except (KeyError, ValueError) as err:
+            fail(f"--pilot {path}: schedule_parameters unreadable ({err}); give the pilot.nc that qtm recommend "
+                 "--out wrote")
+        nxt_q = ds["hf_power_schedule_reference_next"].values if "hf_power_schedule_reference_next" in ds else None
+        schedules = dict(schedule_names=tuple(str(q) for q in ds["schedule"].values), schedule_parameters=parameters,
+                         schedule_step_scales=np.asarray(ds["schedule_step_scale"].values, float),
+                         schedule_guided=np.asarray(ds["hf_power_schedule"].values, float),
+                         schedule_reference_next=None if nxt_q is None else np.asarray(nxt_q, float))
     return PilotResult(tuple(float(s) for s in ds["scale"].values), float(ds.attrs.get("reference_scale", 1.0)),
                        np.asarray(ds["hf_power"].values, float), np.asarray(ds["hf_power_reference"].values, float),
-                       np.asarray(ds["hf_power_originals"].values, float), nxt, cost)
+                       np.asarray(ds["hf_power_originals"].values, float), nxt, cost, **schedules)
 
 
 def cost_summary(cfg, pilot, *, num_iterations: int, images: int) -> dict[str, Any]:
-    """The pilot's measured cost against the chain it replaces (one condition per scale, K iterations, the
-    config's images per iteration and finetuning recipe), and the same comparison for the paper's SD1.5
-    recipe from published GPU anchors."""
+    """The pilot's measured cost against the chain it replaces (one condition per scale and per schedule, K
+    iterations, the config's images per iteration and finetuning recipe), and the same comparison for the
+    paper's SD1.5 recipe from published GPU anchors."""
     from chain.finetune import num_training_steps
     from fitting.recommend import chain_cost, estimated_seconds
 
     n0 = len(pilot.originals)  # D_0's images, as the pilot read and measured them
     per_iteration = n0 * cfg.sampling.images_per_prompt
     samples = num_training_steps(per_iteration, cfg.finetune) * cfg.finetune.batch_size
-    chain = chain_cost(num_conditions=len(pilot.scales), num_iterations=num_iterations,
+    conditions = len(pilot.scales) + len(pilot.schedule_names)
+    chain = chain_cost(num_conditions=conditions, num_iterations=num_iterations,
                        images_per_iteration=per_iteration, num_steps=cfg.sampling.num_steps, finetune_samples=samples)
     p = dict(pilot.cost)
     images_per_s = p["images_generated"] / p["generation_seconds"] if p["generation_seconds"] > 0 else None
@@ -194,7 +250,7 @@ def cost_summary(cfg, pilot, *, num_iterations: int, images: int) -> dict[str, A
     # the paper's SD1.5 recipe: the same pilot (scales x images) against the chain it replaces
     a = SD15_ANCHORS
     sd_samples = a["epochs"] * math.ceil(a["dataset_images"] / a["batch_size"]) * a["batch_size"]
-    sd_chain = chain_cost(num_conditions=len(pilot.scales), num_iterations=a["num_iterations"],
+    sd_chain = chain_cost(num_conditions=conditions, num_iterations=a["num_iterations"],
                           images_per_iteration=a["dataset_images"], num_steps=a["num_steps"],
                           finetune_samples=sd_samples)
     pilot_samples = a["epochs"] * math.ceil(images / a["batch_size"]) * a["batch_size"]
@@ -232,13 +288,36 @@ def _render(summary: dict[str, Any], terminal) -> None:
                       f"{_fmt(r2['estimate'])} [{_fmt(r2['lower'])}, {_fmt(r2['upper'])}]",
                       _fmt(summary["predicted_drift"][i]), _fmt(summary["predicted_distance"][i]))
     terminal.print(table)
-    rec, h2 = summary["recommended"], summary["heritability"]
-    terminal.print(f"recommended scale: {_fmt(rec['scale'])} (95 % interval {_fmt(rec['lower'])} to "
-                   f"{_fmt(rec['upper'])}), over K = {summary['num_iterations']} iterations, heritability "
+    if summary["schedules"]:
+        table = Table(title="Schedules: realized selection window (same prompts and seeds) and predicted drift")
+        for col in ("schedule", "parameters", "mean s", "r1 [95 % CI]", "r2 [95 % CI]", "drift / it.",
+                    "dist. D_0 (sd)", "wins"):
+            table.add_column(col, justify="right", overflow="fold")
+        for q in summary["schedules"]:
+            r1, r2 = q["r1"], q["r2"]
+            parameters = {k: v for k, v in q["parameters"].items() if k != "schedule" and v != 0}
+            table.add_row(q["name"], f"{q['parameters'].get('schedule', '')} "
+                          + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in parameters.items()),
+                          _fmt(q["mean_scale"]),
+                          f"{_fmt(r1['estimate'])} [{_fmt(r1['lower'])}, {_fmt(r1['upper'])}]",
+                          f"{_fmt(r2['estimate'])} [{_fmt(r2['lower'])}, {_fmt(r2['upper'])}]",
+                          _fmt(q["predicted_drift"]), _fmt(q["distance"]), _fmt(q["bootstrap_wins"], 2))
+        terminal.print(table)
+        for q in summary["schedules"]:
+            if "note" in q:
+                terminal.print(f"note: {q['name']}: {q['note']}", markup=False)
+    rec, best, h2 = summary["recommended"], summary["best_constant_scale"], summary["heritability"]
+    if rec["schedule"] is not None:
+        terminal.print(f"recommended: schedule {rec['schedule']} (chosen in {_fmt(rec['bootstrap_support'], 2)} of "
+                       f"the bootstrap replicates); best constant scale {_fmt(best['scale'])}", markup=False)
+    label = "recommended scale" if rec["schedule"] is None else "best constant scale"
+    terminal.print(f"{label}: {_fmt(best['scale'])} (95 % interval {_fmt(best['lower'])} to "
+                   f"{_fmt(best['upper'])}), over K = {summary['num_iterations']} iterations, heritability "
                    f"{_fmt(h2['estimate'])} ({h2['source']})", markup=False)
     for row in summary["heritability_sensitivity"]:
-        terminal.print(f"  with h2 = {row['heritability']:g}: recommended scale {_fmt(row['recommended_scale'])}",
-                       markup=False)
+        won = f", schedule {row['recommended_schedule']} closer" if row["recommended_schedule"] else ""
+        terminal.print(f"  with h2 = {row['heritability']:g}: recommended scale {_fmt(row['recommended_scale'])}"
+                       f"{won}", markup=False)
     cost = summary["cost"]
     terminal.print(f"cost: pilot {int(cost['pilot']['unet_passes']):,} UNet passes in {cost['pilot']['seconds']:.0f} s; "
                    f"the chain it replaces {int(cost['chain']['unet_passes']):,} passes and "

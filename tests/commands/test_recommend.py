@@ -39,30 +39,67 @@ def test_too_few_scales_are_refused_naming_the_flag(example_config):
     assert result.exit_code == 2 and "--images must be >= 8" in result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--schedule", "exponential:alpha=-1"], "--schedule 'exponential:alpha=-1': field 'schedule.alpha' = -1.0"),
+    (["--schedule", "constant:scale=2"], "a constant scale is one of --scales"),
+    (["--schedule", "exponential:scale=2", "--schedule", "exponential:scale=2"], "is used twice"),
+    (["--pilot", "pilot.nc", "--config-schedules"], "--pilot reuses the schedules of its file"),
+])
+def test_bad_schedules_are_refused_naming_the_flag(example_config, args, message):
+    result = runner.invoke(app, ["recommend", str(example_config), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_config_schedules_needs_a_schedule_in_the_config(tmp_path):
+    path = tmp_path / "constant.toml"
+    text = EXAMPLE.read_text()
+    path.write_text(text[:text.index('[[conditions]]\nname = "redifine"')])
+    result = runner.invoke(app, ["recommend", str(path), "--config-schedules"])
+    assert result.exit_code == 2 and "has no [[conditions]] with a non-constant schedule" in result.output
+
+
 @pytest.mark.slow
 def test_tiny_example_end_to_end(example_config, tmp_path):
     out, plot = tmp_path / "pilot", tmp_path / "recommend.png"
+    # scales 1 (the reference set), 2.5 and 7.5; the config's ReDiFine condition (exponential, scale 7.5,
+    # alpha 2, condition drop 0.2) and an exponential schedule with alpha 0, which is scale 7.5 at every step
     result = runner.invoke(app, ["recommend", str(example_config), "--scales", "1,2.5,7.5", "--images", "8",
+                                 "--config-schedules", "--schedule", "exponential:scale=7.5,alpha=0,name=flat",
                                  "--bootstrap-samples", "30", "--out", str(out), "--plot", str(plot),
                                  "--json", "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = strict_loads(result.stdout.strip().splitlines()[-1])
     assert summary["scales"] == [1.0, 2.5, 7.5]
     assert len(summary["r1"]) == len(summary["r2"]) == len(summary["predicted_drift"]) == 3
-    assert set(summary["recommended"]) == {"scale", "lower", "upper"}
-    assert 1.0 <= summary["recommended"]["scale"] <= 7.5
+    assert set(summary["recommended"]) == {"scale", "lower", "upper", "schedule", "bootstrap_support"}
+    assert 1.0 <= summary["best_constant_scale"]["scale"] <= 7.5
     # scale 1 is the reference scale: its guided set is the reference set, no selection
     assert summary["r1"][0]["estimate"] < 0.1 and summary["r2"][0]["estimate"] < 0.1
+    flat, redifine = summary["schedules"]  # --schedule first, then the config's
+    assert redifine["name"] == "redifine" and flat["name"] == "flat"
+    assert redifine["parameters"] == {"schedule": "exponential", "scale": 7.5, "alpha": 2.0, "step_origin": 0,
+                                      "condition_drop": 0.2}
+    assert "condition_drop" in redifine["note"] and "note" not in flat  # no finetuning: the drop is not measured
+    # s_t = 7.5 exp(-2 t / 8) over the 8 steps, t = 0..7
+    assert redifine["mean_scale"] == pytest.approx(7.5 * np.mean(np.exp(-2.0 * np.arange(8) / 8)), rel=1e-12)
+    # same prompts, same per-image seeds: the flat schedule regenerates the scale-7.5 images exactly
+    assert flat["r1"] == summary["r1"][2] and flat["r2"] == summary["r2"][2] and flat["mean_scale"] == 7.5
+    assert flat["predicted_drift"] == pytest.approx(summary["predicted_drift"][2], abs=1e-12)
     cost = summary["cost"]
-    # 8 images at 2.5 and 7.5 (two passes a step) and 8 reference images at scale 1 (one pass), 8 steps
-    assert cost["pilot"]["images_generated"] == 16 and cost["pilot"]["reference_images"] == 8
-    assert cost["pilot"]["unet_passes"] == 8 * 8 * (2 + 2 + 1)
-    # the chain: 3 conditions x 2 iterations x 6 images, two passes a step; 6 finetunings
-    assert cost["chain"]["unet_passes"] == 3 * 2 * 6 * 8 * 2 and cost["chain"]["finetunings"] == 6
-    assert cost["ratio"]["unet_passes"] == pytest.approx(320 / 576)
+    # 8 images at 2.5, 7.5 and under each schedule (two passes at every step) and 8 reference images at
+    # scale 1 (one pass), 8 steps
+    assert cost["pilot"]["images_generated"] == 32 and cost["pilot"]["schedule_images"] == 16
+    assert cost["pilot"]["reference_images"] == 8
+    assert cost["pilot"]["unet_passes"] == 8 * 8 * (2 + 2 + 2 + 2 + 1)
+    # the chain: 5 conditions (3 scales, 2 schedules) x 2 iterations x 6 images, two passes a step
+    assert cost["chain"]["unet_passes"] == 5 * 2 * 6 * 8 * 2 and cost["chain"]["finetunings"] == 10
+    assert cost["ratio"]["unet_passes"] == pytest.approx(576 / 960)
     assert cost["sd15"]["ratio_fast"] < 0.01
     ds = xr.open_dataset(out / "pilot.nc", engine="h5netcdf")
     assert ds.hf_power.shape == (3, 8) and np.allclose(ds.hf_power.values[0], ds.hf_power_reference.values)
+    assert ds.hf_power_schedule.shape == (2, 8) and list(ds.schedule.values) == ["flat", "redifine"]
+    assert np.array_equal(ds.hf_power_schedule.values[0], ds.hf_power.values[2])
+    assert np.allclose(ds.schedule_step_scale.values[1], 7.5 * np.exp(-2.0 * np.arange(8) / 8), rtol=1e-12)
     assert json.loads((out / "recommendation.json").read_text())["scales"] == [1.0, 2.5, 7.5]
     assert plot.stat().st_size > 10_000
     # the arithmetic again from the stored phenotypes, without generating: same windows, same pilot cost
@@ -71,6 +108,7 @@ def test_tiny_example_end_to_end(example_config, tmp_path):
     assert again.exit_code == 0, again.output
     again = strict_loads(again.stdout.strip().splitlines()[-1])
     assert again["r1"] == summary["r1"] and again["recommended"] == summary["recommended"]
+    assert again["schedules"] == summary["schedules"]
     assert again["cost"]["pilot"]["unet_passes"] == cost["pilot"]["unet_passes"]
 
 
@@ -113,14 +151,21 @@ def test_recommend_check_prints_the_comparison(tmp_path):
 @pytest.mark.slow
 def test_tiny_example_after_one_finetuning(example_config):
     result = runner.invoke(app, ["recommend", str(example_config), "--scales", "1,2.5,7.5", "--images", "8",
-                                 "--after-iterations", "1", "--bootstrap-samples", "20", "--json", "--no-progress"])
+                                 "--after-iterations", "1", "--config-schedules", "--bootstrap-samples", "20",
+                                 "--json", "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = strict_loads(result.stdout.strip().splitlines()[-1])
     assert summary["heritability"]["source"] == "measured" and summary["heritability_sensitivity"] == []
     assert "measured" in summary["heritability"] and len(summary["response"]) == 3
+    # the ReDiFine condition is finetuned once too (with its condition drop): its own response
+    (redifine,) = summary["schedules"]
+    assert redifine["response"]["estimate"] is not None and "note" not in redifine
     cost = summary["cost"]["pilot"]
-    assert cost["finetunings"] == 3 and cost["finetune_seconds"] > 0
+    assert cost["finetunings"] == 4 and cost["finetune_seconds"] > 0
     # one finetuning of 8 images: tiny_cpu.toml trains 2 epochs at batch 3 -> 3 steps an epoch
-    assert cost["finetune_samples"] == 3 * 2 * 3 * 3
+    assert cost["finetune_samples"] == 4 * 2 * 3 * 3
+    # 8 images at 2.5, 7.5 and under the schedule, both passes; one pass for 8 reference images of M_0, the
+    # scale-1 images regenerated to finetune on, and the reference sets of the 4 finetuned models; 8 steps
+    assert cost["unet_passes"] == 8 * 8 * (2 * 3 + 1 * 6)
     # the finetuning rate is measured, so the chain's time is estimated
     assert summary["cost"]["chain"]["estimated_seconds"] > 0 and summary["cost"]["ratio"]["seconds"] > 0
