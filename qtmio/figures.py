@@ -2,6 +2,8 @@
 
 `figure(...)` is a matplotlib Figure on the Agg canvas: no GUI backend, no pyplot registry, nothing to
 close. `save_figure` writes any figure through qtmio.atomic, in the format of the file's suffix.
+`iteration_axis` and `one_legend` are the conventions every figure of the project shares: whole-number
+iteration ticks, and one legend per figure.
 """
 
 from __future__ import annotations
@@ -33,3 +35,33 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120, tight: bool = F
     with atomic_write_path(path) as tmp:
         fig.savefig(tmp, **options)
     return path
+
+
+def iteration_axis(ax, iterations=None, *, axis: str = "x", label: str = "iteration") -> None:
+    """Whole-number ticks on an iteration axis (an integer tick locator; at most 12 ticks), labelled
+    `label`; with `iterations`, the axis spans them with half an iteration of room on either side."""
+    from matplotlib.ticker import MaxNLocator
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(MaxNLocator(integer=True, nbins=12, min_n_ticks=1))
+    target.set_minor_locator(MaxNLocator(integer=True, nbins=1))
+    target.set_label_text(label)
+    if iterations is not None and len(iterations):
+        lo, hi = float(min(iterations)) - 0.5, float(max(iterations)) + 0.5
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(lo, hi)
+
+
+def one_legend(fig, axes, *, loc: str = "outside lower center", ncol: int = 3, fontsize: float = 8):
+    """One legend for the whole figure: every labelled artist of `axes` once (by label, in the order drawn),
+    placed `loc` (the "outside ..." places of a constrained layout, or any Figure.legend loc). Returns the
+    legend, or None when nothing is labelled."""
+    import numpy as np
+
+    handles: dict[str, object] = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if not handles:
+        return None
+    return fig.legend(list(handles.values()), list(handles), loc=loc, ncol=min(len(handles), ncol),
+                      fontsize=fontsize, frameon=False)
