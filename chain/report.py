@@ -135,7 +135,7 @@ def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
     freq = metrics["frequency"].values
     keep = freq > 0
     tau = metrics.attrs.get("phenotype_tau")
-    fig = figure(figsize=(3.8 * len(conditions) + 1.6, 3.8), layout="constrained")
+    fig = figure(figsize=(max(3.8 * len(conditions), 7.5), 4.4), layout="constrained")
     axes = fig.subplots(1, len(conditions), squeeze=False, sharey=True)
     cmap = colormaps["viridis"]
     for ax, condition in zip(axes[0], conditions):
@@ -157,7 +157,7 @@ def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
         ax.set_xlabel("spatial frequency (cycles per pixel)")
         ax.grid(alpha=0.3, which="major")
     axes[0][0].set_ylabel("share of the image's energy\nper frequency ring (log)")
-    one_legend(fig, axes, loc="outside right upper", ncol=1)
+    one_legend(fig, axes, ncol=4)
     fig.suptitle("Radial power spectrum of the images, mean over the images of each iteration", fontsize=11)
     return save_figure(fig, path)
 
@@ -172,11 +172,11 @@ def _per_iteration_figure(metrics: xr.Dataset, title: str):
 
 
 METRIC_LABELS = {
-    "fd_dinov2": ("Frechet distance to the original images", "Frechet distance (feature units; 0 = same "
-                  "distribution)", (0.0, None)),
-    "recall": ("Recall against the original images (k = 5)", "recall (share of the originals covered)",
+    "fd_dinov2": ("Frechet distance to the original images", "Frechet distance\n(feature units, 0 = same)",
+                  (0.0, None)),
+    "recall": ("Recall against the original images (k = 5)", "recall\n(share of the originals covered)",
                (0.0, 1.0)),
-    "sfd": ("Paired feature distance to the original images (SFD)", "paired feature distance (feature units)",
+    "sfd": ("Paired feature distance to the original images (SFD)", "paired feature distance\n(feature units)",
             (0.0, None)),
 }
 """Feature metric -> (title, axis label with units, support (low, high)) of its figure."""
@@ -219,7 +219,7 @@ def plot_phenotype(metrics: xr.Dataset, path: Path) -> Path:
     """Observed phenotype mean per iteration, one line per condition, with a bar of +- 1 sd over the images
     kept inside the phenotype's support [0, 1] (docs/phenotype.md); used when there is no fit."""
     summary = phenotype_summary(metrics)
-    fig, ax = _per_iteration_figure(metrics, "High-frequency power per iteration (mean, bars: +- 1 sd over "
+    fig, ax = _per_iteration_figure(metrics, "High-frequency power per iteration (mean; bars: ± 1 sd over "
                                              "the images)")
     for c, condition in enumerate(metrics["condition"].values):
         s = summary.sel(condition=condition)
