@@ -16,7 +16,7 @@ import xarray as xr
 
 from chain.errors import ChainError
 from qtmio.contract import METRIC_NAMES
-from qtmio.figures import figure, iteration_axis, one_legend, save_figure
+from qtmio.figures import figure, iteration_axis, one_legend, plain_log_ticks, save_figure
 from qtmio.images import list_images
 
 
@@ -113,16 +113,6 @@ def plot_image_grid(run_dir: Path, metrics: xr.Dataset, path: Path, *, images_pe
     return save_figure(fig, path, tight=True)
 
 
-def _frequency_ticks(ax, low: float, high: float) -> None:
-    """Log-axis ticks at 1, 2, 5 x 10^n written as plain decimals (0.02, 0.05, 0.1, ...), no minor labels."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
-
-    ticks = [m * 10.0 ** e for e in range(-4, 1) for m in (1, 2, 5) if low <= m * 10.0 ** e <= high]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
 def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
     """Mean radial power spectrum per iteration, one panel per condition, log-log (docs/phenotype.md: ring
     sums of the normalised power map). The phenotype's threshold tau (attribute phenotype_tau) is a dashed
@@ -152,7 +142,7 @@ def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
             ax.axvspan(float(tau), freq.max() * 1.05, color="C3", alpha=0.06, lw=0,
                        label="above tau: the share hf_power measures")
         ax.set_xlim(freq[keep].min() * 0.9, freq.max() * 1.05)
-        _frequency_ticks(ax, freq[keep].min() * 0.9, freq.max() * 1.05)
+        plain_log_ticks(ax, freq[keep].min() * 0.9, freq.max() * 1.05)
         ax.set_title(condition, fontsize=10)
         ax.set_xlabel("spatial frequency (cycles per pixel)")
         ax.grid(alpha=0.3, which="major")

@@ -2,8 +2,8 @@
 
 `figure(...)` is a matplotlib Figure on the Agg canvas: no GUI backend, no pyplot registry, nothing to
 close. `save_figure` writes any figure through qtmio.atomic, in the format of the file's suffix.
-`iteration_axis` and `one_legend` are the conventions every figure of the project shares: whole-number
-iteration ticks, and one legend per figure.
+`iteration_axis`, `one_legend` and `plain_log_ticks` are the conventions every figure of the project
+shares: whole-number iteration ticks, one legend per figure, log axes labelled in plain decimals.
 """
 
 from __future__ import annotations
@@ -65,3 +65,15 @@ def one_legend(fig, axes, *, loc: str = "outside lower center", ncol: int = 3, f
         return None
     return fig.legend(list(handles.values()), list(handles), loc=loc, ncol=min(len(handles), ncol),
                       fontsize=fontsize, frameon=False)
+
+
+def plain_log_ticks(ax, low: float, high: float, *, axis: str = "x") -> None:
+    """Ticks of a log axis at 1, 2 and 5 x 10^n between `low` and `high`, written as plain decimals (0.02,
+    0.05, 0.1, ...), minor ticks unlabelled."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ticks = [m * 10.0 ** e for e in range(-6, 7) for m in (1, 2, 5) if low <= m * 10.0 ** e <= high]
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    target.set_minor_formatter(NullFormatter())

@@ -262,3 +262,22 @@ def test_recommend_figure_keeps_window_bands_in_0_1(monkeypatch, tmp_path):
     assert edges.min() >= 0.0 and edges.max() <= 1.0
     assert _band_edges(distance).min() >= 0.0
     assert "recommended scale" in [t.get_text() for t in window.get_legend().get_texts()]
+
+
+def test_spectra_figure_marks_tau_with_plain_log_ticks(monkeypatch, tmp_path):
+    from qtmio import figures as qtmio_figures
+
+    from chain import spectra
+
+    rng = np.random.default_rng(0)
+    freq = np.arange(17) / 32
+    ds = xr.Dataset({"hf_power": (("image",), rng.uniform(0, 1, 8)),
+                     "radial_psd": (("image", "frequency"), rng.uniform(1e-4, 1, (8, 17))),
+                     "angular_psd": (("image", "angle"), rng.uniform(0, 0.1, (8, 16)))},
+                    coords={"frequency": freq, "angle": np.arange(16) * np.pi / 16}, attrs={"phenotype_tau": 0.16})
+    figures = _capture(monkeypatch, qtmio_figures)  # plot_folder imports the saver when it draws
+    spectra.plot_folder(ds, tmp_path / "s.png")
+    radial = figures[-1].axes[1]
+    assert radial.get_xscale() == "log" and radial.get_yscale() == "log"
+    assert len([line for line in radial.get_lines() if np.allclose(line.get_xdata(), 0.16)]) == 1
+    assert [t.get_text() for t in radial.get_xticklabels() if t.get_text()] == ["0.05", "0.1", "0.2", "0.5"]
