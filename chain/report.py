@@ -153,7 +153,7 @@ def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
 
 
 def _per_iteration_figure(metrics: xr.Dataset, title: str):
-    fig = figure(figsize=(6.4, 4.0), layout="constrained")
+    fig = figure(figsize=(7.2, 4.0), layout="constrained")
     ax = fig.subplots()
     iteration_axis(ax, metrics["iteration"].values)
     ax.grid(alpha=0.3)
@@ -187,7 +187,7 @@ def plot_metric(metrics: xr.Dataset, name: str, path: Path, *, label: str | None
             ax.fill_between(x, np.clip(metrics[lo].sel(condition=condition).values[ok], low, high),
                             np.clip(metrics[hi].sel(condition=condition).values[ok], low, high), alpha=0.2)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8, title="condition", title_fontsize=8)
+    ax.legend(fontsize=8, title="condition", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
 
@@ -220,7 +220,7 @@ def plot_phenotype(metrics: xr.Dataset, path: Path) -> Path:
         ax.errorbar(x, mean, yerr=np.vstack([mean - lower, upper - mean]), marker="o", capsize=3,
                     label=str(condition))
     ax.set_ylabel("high-frequency power (share of energy above tau)")
-    ax.legend(fontsize=8, title="condition", title_fontsize=8)
+    ax.legend(fontsize=8, title="condition", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
 
