@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fitting.plotting import mark_not_identified
+from fitting.plotting import mark_not_identified, not_identified
 from qtmio.figures import figure, iteration_axis, one_legend, save_figure
 
 
@@ -158,7 +158,7 @@ def plot_routes(assay, fit, path: str | Path) -> Path:
             lo = fit["lower"].sel(condition=name, parameter=parameter).item()
             hi = fit["upper"].sel(condition=name, parameter=parameter).item()
             free = bool(fit["free"].sel(condition=name, parameter=parameter).item())
-            identified = bool(fit["identified"].sel(condition=name, parameter=parameter).item())
+            identified = parameter not in not_identified(fit, name)
             span = (it.min() - 0.5, it.max() + 0.5)
             if free and np.isfinite(lo) and np.isfinite(hi):
                 ax.fill_between(span, max(lo, 0.0), min(hi, 1.0), color="C0", alpha=0.2,

@@ -29,6 +29,8 @@ MUTATION_WORDS = {"none": "no mutation", "paper": "mutation (paper's law)", "add
 
 def not_identified(fit, condition: str) -> list[str]:
     """The free parameters of `condition` (per-condition and shared) that the fit marks not identified."""
+    if "identified" not in fit.data_vars or "free" not in fit.data_vars:
+        return []
     names = [str(p) for p in fit["parameter"].values]
     free = fit["free"].sel(condition=condition).values.astype(bool)
     identified = fit["identified"].sel(condition=condition).values.astype(bool)
