@@ -16,17 +16,37 @@ import xarray as xr
 
 from chain.errors import ChainError
 from qtmio.contract import METRIC_NAMES
-from qtmio.figures import figure, save_figure
+from qtmio.figures import figure, iteration_axis, one_legend, plain_log_ticks, save_figure
 from qtmio.images import list_images
 
 
-def check_metrics(metrics: xr.Dataset, source: str) -> None:
-    """Raise ChainError unless `metrics` holds what every report draws: `hf_power` (condition, iteration,
-    image) and `radial_psd` (condition, iteration, frequency), as chain.store writes them."""
-    for name in ("hf_power", "radial_psd"):
-        if name not in metrics.data_vars:
-            raise ChainError(f"{source}: variable '{name}' is missing; a report draws the metrics.nc of a run "
-                             "folder written by `qtm chain run` or `qtm demo`")
+SECTIONS = {
+    "images": "the image grid (no images/<condition>/<iteration>/ folders)",
+    "radial_psd": "the radial spectra (no radial_psd)",
+    "fd_dinov2": "the Frechet distance (no fd_dinov2)",
+    "recall": "the recall (no recall)",
+    "sfd": "the paired feature distance (no sfd)",
+}
+"""What a report draws beyond the phenotype, and what it says when the dataset lacks it."""
+
+
+def left_out(run_dir: Path, metrics: xr.Dataset) -> list[str]:
+    """The parts of a report a dataset cannot fill: a dataset holding only what `qtm fit` needs (hf_power or
+    the summary trio, docs/results-contract.md) gets the phenotype figure and table, and these are listed
+    instead of drawn (the feature metrics only when the run has none of them, as a run without an encoder)."""
+    missing = []
+    if not any(iteration_images(run_dir, str(c), int(k))
+               for c in metrics["condition"].values for k in metrics["iteration"].values):
+        missing.append(SECTIONS["images"])
+    if not _has_values(metrics, "radial_psd"):
+        missing.append(SECTIONS["radial_psd"])
+    if not any(_has_values(metrics, name) for name in ("fd_dinov2", "recall", "sfd")):
+        missing.append("the feature metrics (no fd_dinov2, recall or sfd)")
+    return missing
+
+
+def _has_values(metrics: xr.Dataset, name: str) -> bool:
+    return name in metrics.data_vars and bool(metrics[name].notnull().any())
 
 
 def iteration_images(run_dir: Path, condition: str, iteration: int) -> list[Path]:
@@ -94,45 +114,69 @@ def plot_image_grid(run_dir: Path, metrics: xr.Dataset, path: Path, *, images_pe
 
 
 def plot_radial_spectra(metrics: xr.Dataset, path: Path) -> Path:
-    """Mean radial power spectral density per iteration, one panel per condition (log-log)."""
+    """Mean radial power spectrum per iteration, one panel per condition, log-log (docs/phenotype.md: ring
+    sums of the normalised power map). The phenotype's threshold tau (attribute phenotype_tau) is a dashed
+    line and the band above it, whose share is hf_power, is shaded; iterations are coloured dark to light,
+    with one legend for the figure."""
     from matplotlib import colormaps
 
     conditions = [str(c) for c in metrics["condition"].values]
     iterations = metrics["iteration"].values
     freq = metrics["frequency"].values
     keep = freq > 0
-    fig = figure(figsize=(4.2 * len(conditions), 3.6))
+    tau = metrics.attrs.get("phenotype_tau")
+    fig = figure(figsize=(max(3.8 * len(conditions), 7.5), 4.4), layout="constrained")
     axes = fig.subplots(1, len(conditions), squeeze=False, sharey=True)
     cmap = colormaps["viridis"]
     for ax, condition in zip(axes[0], conditions):
         for i, iteration in enumerate(iterations):
-            psd = metrics["radial_psd"].sel(condition=condition, iteration=iteration).values
-            if np.all(np.isnan(psd)):
+            psd = metrics["radial_psd"].sel(condition=condition, iteration=iteration).values[keep]
+            ok = np.isfinite(psd) & (psd > 0)
+            if not ok.any():
                 continue
-            ax.loglog(freq[keep], psd[keep], color=cmap(i / max(len(iterations) - 1, 1)),
-                      label=f"iteration {int(iteration)}")
-        ax.set_title(condition)
-        ax.set_xlabel("radial frequency (cycles / pixel)")
-        ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("mean power (fraction of AC energy per ring)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Radial power spectra over iterations")
-    return save_figure(fig, path, tight=True)
+            ax.loglog(freq[keep][ok], psd[ok], color=cmap(0.9 * i / max(len(iterations) - 1, 1)), lw=1.3,
+                      label=f"iteration {int(iteration)}" + (" (original images)" if int(iteration) == 0 else ""))
+        if tau is not None and float(tau) > 0:
+            ax.axvline(float(tau), color="C3", ls="--", lw=1.2,
+                       label=f"tau = {float(tau):g} cycles/pixel (phenotype threshold)")
+            ax.axvspan(float(tau), freq.max() * 1.05, color="C3", alpha=0.06, lw=0,
+                       label="above tau: the share hf_power measures")
+        ax.set_xlim(freq[keep].min() * 0.9, freq.max() * 1.05)
+        plain_log_ticks(ax, freq[keep].min() * 0.9, freq.max() * 1.05)
+        ax.set_title(condition, fontsize=10)
+        ax.set_xlabel("spatial frequency (cycles per pixel)")
+        ax.grid(alpha=0.3, which="major")
+    axes[0][0].set_ylabel("share of the image's energy\nper frequency ring (log)")
+    one_legend(fig, axes, ncol=4)
+    fig.suptitle("Radial power spectrum of the images, mean over the images of each iteration", fontsize=11)
+    return save_figure(fig, path)
 
 
-def _save_per_iteration(fig, ax, ylabel: str, path: Path) -> Path:
-    """Label a per-iteration line plot (one line per condition) and save it."""
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(ylabel)
+def _per_iteration_figure(metrics: xr.Dataset, title: str):
+    fig = figure(figsize=(7.2, 4.0), layout="constrained")
+    ax = fig.subplots()
+    iteration_axis(ax, metrics["iteration"].values)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path, tight=True)
+    ax.set_title(title, fontsize=10)
+    return fig, ax
+
+
+METRIC_LABELS = {
+    "fd_dinov2": ("Frechet distance to the original images", "Frechet distance\n(feature units, 0 = same)",
+                  (0.0, None)),
+    "recall": ("Recall against the original images (k = 5)", "recall\n(share of the originals covered)",
+               (0.0, 1.0)),
+    "sfd": ("Paired feature distance to the original images (SFD)", "paired feature distance\n(feature units)",
+            (0.0, None)),
+}
+"""Feature metric -> (title, axis label with units, support (low, high)) of its figure."""
 
 
 def plot_metric(metrics: xr.Dataset, name: str, path: Path, *, label: str | None = None) -> Path:
-    """One metric per iteration, one line per condition (with its interval when `<name>_lower/_upper` exist)."""
-    fig = figure(figsize=(5.5, 3.8))
-    ax = fig.subplots()
+    """One metric per iteration, one line per condition (with its interval when `<name>_lower/_upper` exist,
+    kept inside the metric's support: distances >= 0, recall in [0, 1])."""
+    title, ylabel, (low, high) = METRIC_LABELS.get(name, (label or name, label or name, (None, None)))
+    fig, ax = _per_iteration_figure(metrics, f"{title}, per iteration")
     for condition in metrics["condition"].values:
         series = metrics[name].sel(condition=condition)
         ok = ~np.isnan(series.values)
@@ -140,13 +184,19 @@ def plot_metric(metrics: xr.Dataset, name: str, path: Path, *, label: str | None
         ax.plot(x, series.values[ok], marker="o", label=str(condition))
         lo, hi = f"{name}_lower", f"{name}_upper"
         if lo in metrics and hi in metrics:
-            ax.fill_between(x, metrics[lo].sel(condition=condition).values[ok],
-                            metrics[hi].sel(condition=condition).values[ok], alpha=0.2)
-    return _save_per_iteration(fig, ax, label or name, path)
+            ax.fill_between(x, np.clip(metrics[lo].sel(condition=condition).values[ok], low, high),
+                            np.clip(metrics[hi].sel(condition=condition).values[ok], low, high), alpha=0.2)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, title="condition", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save_figure(fig, path)
 
 
 def phenotype_summary(metrics: xr.Dataset) -> xr.Dataset:
-    """Per (condition, iteration): mean, sd and count of the phenotype over the produced images."""
+    """Per (condition, iteration): mean, sd and count of the phenotype over the produced images, from the
+    per-image `hf_power` or, in a summary-only dataset, from `hf_power_mean`, `hf_power_std`, `num_images`."""
+    if "hf_power" not in metrics.data_vars:
+        return xr.Dataset({"mean": metrics["hf_power_mean"], "std": metrics["hf_power_std"],
+                           "count": metrics["num_images"].fillna(0).astype(int)})
     hf = metrics["hf_power"]
     return xr.Dataset({
         "mean": hf.mean("image", skipna=True),
@@ -156,17 +206,22 @@ def phenotype_summary(metrics: xr.Dataset) -> xr.Dataset:
 
 
 def plot_phenotype(metrics: xr.Dataset, path: Path) -> Path:
-    """Observed phenotype mean +- sd per iteration, one line per condition (used when there is no fit)."""
+    """Observed phenotype mean per iteration, one line per condition, with a bar of +- 1 sd over the images
+    kept inside the phenotype's support [0, 1] (docs/phenotype.md); used when there is no fit."""
     summary = phenotype_summary(metrics)
-    fig = figure(figsize=(5.5, 3.8))
-    ax = fig.subplots()
-    for condition in metrics["condition"].values:
+    fig, ax = _per_iteration_figure(metrics, "High-frequency power per iteration (mean; bars: ± 1 sd over "
+                                             "the images)")
+    for c, condition in enumerate(metrics["condition"].values):
         s = summary.sel(condition=condition)
         ok = s["count"].values > 0
-        x = metrics["iteration"].values[ok]
-        ax.errorbar(x, s["mean"].values[ok], yerr=s["std"].values[ok], marker="o", capsize=3,
+        x = metrics["iteration"].values[ok] + 0.04 * (c - (metrics.sizes["condition"] - 1) / 2)
+        mean, sd = s["mean"].values[ok], np.nan_to_num(s["std"].values[ok])
+        lower, upper = np.clip(mean - sd, 0.0, 1.0), np.clip(mean + sd, 0.0, 1.0)
+        ax.errorbar(x, mean, yerr=np.vstack([mean - lower, upper - mean]), marker="o", capsize=3,
                     label=str(condition))
-    return _save_per_iteration(fig, ax, "high-frequency power (phenotype)", path)
+    ax.set_ylabel("high-frequency power (share of energy above tau)")
+    ax.legend(fontsize=8, title="condition", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save_figure(fig, path)
 
 
 def summary_table(metrics: xr.Dataset) -> list[dict]:
@@ -190,23 +245,24 @@ def summary_table(metrics: xr.Dataset) -> list[dict]:
 def write_figures(run_dir: Path, metrics: xr.Dataset, out_dir: Path, *, images_per_cell: int = 4,
                   phenotype: bool = True) -> dict[str, str]:
     """Draw the run's figures into `out_dir`: the phenotype per iteration (unless `phenotype` is False, when
-    the caller draws a fitted one), the image grid, the radial spectra and each feature metric the run has.
-    Returns {caption: file name in out_dir}, in report order."""
+    the caller draws a fitted one), and what the dataset holds of the image grid, the radial spectra and the
+    feature metrics (`left_out` names the rest). Returns {caption: file name in out_dir}, in report order."""
     out_dir = Path(out_dir)
+    missing = left_out(run_dir, metrics)
     figures: dict[str, str] = {}
     if phenotype:
         plot_phenotype(metrics, out_dir / "phenotype.png")
         figures["Phenotype trajectories (no fit.nc: run `qtm fit` for fitted curves)"] = "phenotype.png"
-    plot_image_grid(run_dir, metrics, out_dir / "images.png", images_per_cell=images_per_cell)
-    figures["Images per condition and iteration"] = "images.png"
-    plot_radial_spectra(metrics, out_dir / "radial_spectra.png")
-    figures["Radial power spectra per iteration"] = "radial_spectra.png"
-    for name, label in (("fd_dinov2", "Frechet distance to the original images"),
-                        ("recall", "Recall against the original images (k = 5)"),
-                        ("sfd", "Paired feature distance to the original images (SFD)")):
-        if name in metrics and bool(metrics[name].notnull().any()):
-            plot_metric(metrics, name, out_dir / f"{name}.png", label=label)
-            figures[f"{label} per iteration"] = f"{name}.png"
+    if SECTIONS["images"] not in missing:
+        plot_image_grid(run_dir, metrics, out_dir / "images.png", images_per_cell=images_per_cell)
+        figures["Images per condition and iteration"] = "images.png"
+    if SECTIONS["radial_psd"] not in missing:
+        plot_radial_spectra(metrics, out_dir / "radial_spectra.png")
+        figures["Radial power spectra per iteration"] = "radial_spectra.png"
+    for name, (title, _, _) in METRIC_LABELS.items():
+        if _has_values(metrics, name):
+            plot_metric(metrics, name, out_dir / f"{name}.png")
+            figures[f"{title} per iteration"] = f"{name}.png"
     return figures
 
 
@@ -226,18 +282,29 @@ def conditions_not_finished(metrics: xr.Dataset) -> dict[str, int]:
 
 def describe_run(run_dir: Path, metrics: xr.Dataset) -> str:
     """One paragraph for the report: the run folder, its dataset, base model, feature encoder and tau, and
-    the conditions not finished yet (shown up to their last finished iteration)."""
-    encoder = metrics.attrs.get("feature_encoder", "")
+    the conditions not finished yet (shown up to their last finished iteration) and what the report leaves out
+    because the dataset does not hold it (`left_out`)."""
+    attrs = metrics.attrs
+    encoder = attrs.get("feature_encoder", "")
+    if "dataset" in attrs or "base_model" in attrs:
+        text = (f"Run directory `{run_dir}`; dataset `{attrs.get('dataset', '?')}`, base model "
+                f"`{attrs.get('base_model', '?')}`" + (f", feature encoder `{encoder}`" if encoder else "") + ".")
+    else:
+        text = f"Results in `{run_dir}` (no chain provenance: a dataset written outside `qtm chain run`)."
+    tau = attrs.get("phenotype_tau")
+    text += (" The phenotype is the fraction of the normalised AC spectral energy above radius "
+             + (f"{tau} cycles/pixel" if tau is not None else "tau") + " (docs/phenotype.md).")
     unfinished = conditions_not_finished(metrics)
-    return (f"Run directory `{run_dir}`; dataset `{metrics.attrs.get('dataset', '?')}`, base model "
-            f"`{metrics.attrs.get('base_model', '?')}`" + (f", feature encoder `{encoder}`" if encoder else "")
-            + ". The phenotype is the fraction of the normalised AC spectral energy above radius "
-            f"{metrics.attrs.get('phenotype_tau', 0.02)} cycles/pixel (docs/phenotype.md)."
-            + ("" if not unfinished else
-               " Not finished yet (still running, or stopped; shown up to their last finished iteration of "
-               f"{int(metrics['iteration'].values.max())}): "
-               + ", ".join(f"`{c}` (up to iteration {k})" if k >= 0 else f"`{c}` (no images yet)"
-                           for c, k in unfinished.items()) + "."))
+    if unfinished:
+        text += (" Not finished yet (still running, or stopped; shown up to their last finished iteration of "
+                 f"{int(metrics['iteration'].values.max())}): "
+                 + ", ".join(f"`{c}` (up to iteration {k})" if k >= 0 else f"`{c}` (no images yet)"
+                             for c, k in unfinished.items()) + ".")
+    missing = left_out(run_dir, metrics)
+    if missing:
+        text += ("\n\nLeft out, because the dataset does not hold it: " + "; ".join(missing)
+                 + ". The phenotype figures and table need only what `qtm fit` reads (docs/results-contract.md).")
+    return text
 
 
 def _fmt(value: float) -> str:

@@ -524,31 +524,36 @@ def folder_dataset(rows: list[_Row], failed: list[dict[str, str]], *, reference_
 
 
 def plot_folder(ds, path: str | os.PathLike) -> Path:
-    """Draw a `measure_folder` dataset: the hf_power histogram, the mean radial spectrum (log scale) and the
-    mean angular spectrum, side by side; written atomically (qtmio.figures, format from the suffix)."""
-    from qtmio.figures import figure, save_figure
+    """Draw a `measure_folder` dataset: the hf_power histogram, the mean radial spectrum (log-log, tau marked)
+    and the mean angular spectrum, side by side; written atomically (qtmio.figures, format from the suffix)."""
+    from qtmio.figures import figure, plain_log_ticks, save_figure
 
-    fig = figure(figsize=(13, 3.8))
+    tau = float(ds.attrs["phenotype_tau"])
+    fig = figure(figsize=(13, 4.0), layout="constrained")
     axes = fig.subplots(1, 3)
     hf = ds["hf_power"].values
     hf = hf[np.isfinite(hf)]
     axes[0].hist(hf, bins=min(50, max(5, hf.size // 4)), color="tab:blue")
-    axes[0].set_xlabel(f"hf_power (fraction of energy at r > {ds.attrs['phenotype_tau']})")
+    axes[0].set_xlabel(f"high-frequency power (share of energy above tau = {tau:g})")
     axes[0].set_ylabel("images")
-    axes[0].set_title(f"{hf.size} images, mean {hf.mean():.4g}" if hf.size else "no finite values")
+    axes[0].set_title(f"Phenotype of {hf.size} images, mean {hf.mean():.4g}" if hf.size else "no finite values",
+                      fontsize=10)
     radial = ds["radial_psd"].mean("image", skipna=True).values
     freq = ds["frequency"].values
     keep = (freq > 0) & np.isfinite(radial) & (radial > 0)
-    axes[1].semilogy(freq[keep], radial[keep])
-    axes[1].axvline(ds.attrs["phenotype_tau"], color="grey", ls="--", lw=0.8)
-    axes[1].set_xlabel("radial frequency (cycles/pixel)")
-    axes[1].set_ylabel("mean ring power")
-    axes[1].set_title("radial spectrum")
+    axes[1].loglog(freq[keep], radial[keep], color="tab:blue", label="mean over the images")
+    if tau > 0:
+        axes[1].axvline(tau, color="C3", ls="--", lw=1.2, label=f"tau = {tau:g} cycles/pixel")
+    if keep.any():
+        plain_log_ticks(axes[1], freq[keep].min() * 0.9, freq[keep].max() * 1.05)
+    axes[1].set_xlabel("spatial frequency (cycles per pixel)")
+    axes[1].set_ylabel("share of the energy per frequency ring")
+    axes[1].set_title("Radial power spectrum", fontsize=10)
+    axes[1].legend(fontsize=8)
     angular = ds["angular_psd"].mean("image").values
     degrees = np.degrees(ds["angle"].values)
     axes[2].plot(degrees, angular, marker="o")
     axes[2].set_xlabel("orientation (degrees, folded to [0, 180))")
-    axes[2].set_ylabel("mean sector power (r > 0.1)")
-    axes[2].set_title("angular spectrum")
-    fig.tight_layout()
+    axes[2].set_ylabel("share of the energy per sector (r > 0.1)")
+    axes[2].set_title("Angular power spectrum", fontsize=10)
     return save_figure(fig, path)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qtmio.figures import figure, save_figure
+from fitting.plotting import mark_not_identified, not_identified
+from qtmio.figures import figure, iteration_axis, one_legend, save_figure
 
 
 def plot_assay(result, path: str | Path) -> Path:
@@ -38,23 +39,27 @@ def _quantity(ax, x, ds, name: str, c: int, **kwargs) -> None:
     _errorbar(ax, x, ds[name].values[c], ds[f"{name}_lower"].values[c], ds[f"{name}_upper"].values[c], **kwargs)
 
 
-def _iteration_axis(ax, iterations: np.ndarray) -> None:
-    """Whole-number iteration ticks at the assayed iterations, with a little room on either side."""
-    ax.set_xticks(iterations)
-    ax.set_xticklabels([str(int(k)) for k in iterations])
-    ax.set_xlim(iterations.min() - 0.5, iterations.max() + 0.5)
-    ax.set_xlabel("iteration")
-
-
-def _one_legend(fig, axes) -> None:
-    """One legend for the figure, below the panels: every labelled artist once, in the order drawn."""
-    handles: dict[str, object] = {}
-    for ax in np.ravel(axes):
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 3),
-                   fontsize=8, frameon=False)
+def _heritability_panel(ax, it, h2, lo, hi, good) -> None:
+    """h2 = R / S per iteration: meaningful ones (S's interval excludes 0) in colour; the others grey. The
+    y-range is set by the meaningful values and [0, 1]; a grey value beyond it is drawn at the edge as a
+    triangle with its value written beside it, so a ratio over S ~ 0 cannot flatten the panel."""
+    finite = np.concatenate([h2[good & np.isfinite(h2)], lo[good & np.isfinite(lo)], hi[good & np.isfinite(hi)],
+                             [0.0, 1.0]])
+    span = finite.max() - finite.min()
+    y0, y1 = finite.min() - 0.25 * span, finite.max() + 0.25 * span
+    _errorbar(ax, it, np.where(good, h2, np.nan), lo, hi, fmt="o", color="C1", label="h2 = R / S")
+    inside = ~good & np.isfinite(h2) & (h2 >= y0) & (h2 <= y1)
+    _errorbar(ax, it, np.where(inside, h2, np.nan), np.clip(lo, y0, y1), np.clip(hi, y0, y1), fmt="o",
+              color="0.6", label="h2 where S ~ 0 (meaningless)")
+    for k, value in zip(it[~good & np.isfinite(h2) & ~inside], h2[~good & np.isfinite(h2) & ~inside]):
+        edge = y1 if value > y1 else y0
+        ax.plot([k], [edge], marker="^" if value > y1 else "v", color="0.6", ms=6, clip_on=False,
+                label="h2 where S ~ 0 (meaningless)")
+        ax.annotate(f"{value:.3g}, off scale", (k, edge), textcoords="offset points", xytext=(6, -10 if value > y1
+                    else 4), fontsize=7, color="0.4")
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.axhline(1, color="0.6", lw=0.8, ls=":")
+    ax.set_ylim(y0, y1)
 
 
 def plot_assay_dataset(ds, path: str | Path) -> Path:
@@ -64,7 +69,7 @@ def plot_assay_dataset(ds, path: str | Path) -> Path:
     conditions = [str(c) for c in ds["condition"].values]
     it = ds["iteration"].values.astype(float)
     num = len(conditions)
-    fig = figure(figsize=(3.8 * num + 0.8, 11.5))
+    fig = figure(figsize=(3.8 * num + 0.8, 12.5), layout="constrained")
     axes = fig.subplots(4, num, squeeze=False)
     for c, name in enumerate(conditions):
         ax = axes[0][c]
@@ -82,22 +87,14 @@ def plot_assay_dataset(ds, path: str | Path) -> Path:
                   label="S, selection differential")
         _quantity(ax, it + 0.06, ds, "response", c, fmt="o-", color="C4", label="R, response")
         ax.axhline(0, color="0.6", lw=0.8)
-        ax.set_ylabel("phenotype difference" if c == 0 else "")
+        ax.set_ylabel("difference of mean hf_power" if c == 0 else "")
 
         ax = axes[2][c]
-        h2 = ds["heritability"].values[c]
-        lo, hi = ds["heritability_lower"].values[c], ds["heritability_upper"].values[c]
-        good = ds["heritability_meaningful"].values[c].astype(bool)
-        for mask, color, label in ((good, "C1", "h2 = R / S"), (~good, "0.6", "h2 where S ~ 0 (meaningless)")):
-            _errorbar(ax, it, np.where(mask, h2, np.nan), lo, hi, fmt="o", color=color, label=label)
-        ax.axhline(0, color="0.6", lw=0.8)
-        ax.axhline(1, color="0.6", lw=0.8, ls=":")
-        finite = np.concatenate([h2[np.isfinite(h2)], [0.0, 1.0]])
-        span = finite.max() - finite.min()
-        ax.set_ylim(finite.min() - 0.5 * span, finite.max() + 0.5 * span)
-        ax.set_ylabel("realized heritability" if c == 0 else "")
+        _heritability_panel(ax, it, ds["heritability"].values[c], ds["heritability_lower"].values[c],
+                            ds["heritability_upper"].values[c], ds["heritability_meaningful"].values[c].astype(bool))
+        ax.set_ylabel("realized heritability h2" if c == 0 else "")
         for row in range(3):
-            _iteration_axis(axes[row][c], it)
+            iteration_axis(axes[row][c], it)
 
         ax = axes[3][c]
         cs, cr = ds["cumulative_selection_differential"].values[c], ds["cumulative_response"].values[c]
@@ -115,39 +112,42 @@ def plot_assay_dataset(ds, path: str | Path) -> Path:
             b = float(ds["realized_heritability"].values[c])
             blo = float(ds["realized_heritability_lower"].values[c])
             bhi = float(ds["realized_heritability_upper"].values[c])
+            meaningful = bool(ds["realized_heritability_meaningful"].values[c])
             xs = np.linspace(min(0.0, np.nanmin(cs[ok])), max(0.0, np.nanmax(cs[ok])), 20)
             if np.isfinite(b):
-                ax.plot(xs, b * xs, color="C1", label="realized heritability (slope)")
-                ax.text(0.03, 0.95, f"slope {b:.2f} [{blo:.2f}, {bhi:.2f}]", transform=ax.transAxes,
-                        va="top", fontsize=8)
-            if np.isfinite(blo) and np.isfinite(bhi):
+                ax.plot(xs, b * xs, color="C1" if meaningful else "0.6", ls="-" if meaningful else "--",
+                        label="realized heritability (slope)" if meaningful else
+                        "slope where cumulative S ~ 0 (meaningless)")
+                ax.set_title(f"slope {b:.3g} [{blo:.3g}, {bhi:.3g}]" + ("" if meaningful else
+                             ", S ~ 0: meaningless"), fontsize=8)
+            if meaningful and np.isfinite(blo) and np.isfinite(bhi):
                 ax.fill_between(xs, blo * xs, bhi * xs, color="C1", alpha=0.2)
         else:
             ax.text(0.5, 0.5, "needs two consecutive\nassayed iterations", ha="center", va="center",
                     transform=ax.transAxes, fontsize=8, color="0.4")
         ax.axhline(0, color="0.6", lw=0.8)
         ax.axvline(0, color="0.6", lw=0.8)
-        ax.set_xlabel("cumulative selection differential")
+        ax.set_xlabel("cumulative selection differential\n(hf_power)")
         ax.set_ylabel("cumulative response" if c == 0 else "")
     conf = float(ds.attrs.get("confidence", 0.95))
     scale = ds.attrs.get("reference_scale", "unknown")
     scale = "" if str(scale) == "unknown" else f" at scale {scale}"
     fig.suptitle(f"Selection assay: guided images against reference images{scale}, {conf:.0%} bootstrap intervals")
-    _one_legend(fig, axes)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    one_legend(fig, axes)
     return save_figure(fig, path)
 
 
 def plot_routes(assay, fit, path: str | Path) -> Path:
     """The selection window by two routes, one column per condition the two share, rows r1 and r2: the
     assay's per-iteration estimates with their bootstrap intervals (points), the trajectory fit's one value
-    per condition with its interval (line and band; a fixed parameter has no band). `assay`: assay.nc,
+    per condition with its interval (line and band inside [0, 1]; a fixed parameter has no band; a parameter
+    the fit could not identify is marked "not identified" on its panel). `assay`: assay.nc,
     `fit`: fit.nc, both as xarray datasets."""
     fit_conditions = [str(c) for c in fit["condition"].values]
     conditions = [str(c) for c in assay["condition"].values if str(c) in fit_conditions]
     it = assay["iteration"].values.astype(float)
     num = max(len(conditions), 1)
-    fig = figure(figsize=(3.6 * num + 0.8, 6.4))
+    fig = figure(figsize=(3.6 * num + 0.8, 6.8), layout="constrained")
     axes = fig.subplots(2, num, squeeze=False, sharey="row")
     interval = fit.attrs.get("interval", "")
     for c, name in enumerate(conditions):
@@ -158,9 +158,10 @@ def plot_routes(assay, fit, path: str | Path) -> Path:
             lo = fit["lower"].sel(condition=name, parameter=parameter).item()
             hi = fit["upper"].sel(condition=name, parameter=parameter).item()
             free = bool(fit["free"].sel(condition=name, parameter=parameter).item())
+            identified = parameter not in not_identified(fit, name)
             span = (it.min() - 0.5, it.max() + 0.5)
             if free and np.isfinite(lo) and np.isfinite(hi):
-                ax.fill_between(span, lo, hi, color="C0", alpha=0.2,
+                ax.fill_between(span, max(lo, 0.0), min(hi, 1.0), color="C0", alpha=0.2,
                                 label=f"trajectory fit, 95 % interval ({interval})" if interval else
                                 "trajectory fit, 95 % interval")
             ax.plot(span, (value, value), color="C0", lw=1.5,
@@ -169,7 +170,10 @@ def plot_routes(assay, fit, path: str | Path) -> Path:
                       assay[f"{parameter}_upper"].values[a], fmt="o", color="k",
                       label="assay per iteration, bootstrap interval")
             ax.set_ylim(-0.03, 1.03)
-            _iteration_axis(ax, it)
+            iteration_axis(ax, it)
+            if free and not identified:
+                mark_not_identified(ax, [f"{parameter} (trajectory fit)"], it,
+                                    [assay[parameter].values[a], np.full(it.shape, value)])
             if row == 0:
                 ax.set_title(name)
             if c == 0:
@@ -178,6 +182,5 @@ def plot_routes(assay, fit, path: str | Path) -> Path:
         axes[0][0].text(0.5, 0.5, "no condition in both", ha="center", va="center",
                         transform=axes[0][0].transAxes)
     fig.suptitle("Selection window: assayed per iteration against the trajectory fit")
-    _one_legend(fig, axes)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    one_legend(fig, axes)
     return save_figure(fig, path)

@@ -12,9 +12,10 @@ import numpy as np
 from qtmio.figures import figure, save_figure
 
 
-def _band(ax, x, rec, name: str, color: str, label: str) -> None:
+def _band(ax, x, rec, name: str, color: str, label: str, support=(None, None)) -> None:
+    """The curve `name` over x with its 95 % band, the band kept inside the quantity's `support`."""
     lo, hi = rec.interval(name)
-    ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+    ax.fill_between(x, np.clip(lo, *support), np.clip(hi, *support), color=color, alpha=0.18, lw=0)
     ax.plot(x, rec.estimate[name], color=color, lw=1.6, label=label)
 
 
@@ -41,13 +42,15 @@ def _schedule_points(ax, rec, name: str, color: str, label: str | None) -> None:
                                                                    else ""))
 
 
-def _mark(ax, rec) -> None:
+def _mark(ax, rec, *, label: bool = False) -> None:
+    """The recommended scale (dashed) and its bootstrap interval (grey), labelled on one panel."""
     s = float(rec.estimate["recommended"])
     lo, hi = rec.interval("recommended")
     if np.isfinite(lo) and np.isfinite(hi):
-        ax.axvspan(lo, hi, color="0.85", zorder=0, lw=0)
+        ax.axvspan(lo, hi, color="0.85", zorder=0, lw=0, label="95 % interval of the recommended scale"
+                   if label else None)
     if np.isfinite(s):
-        ax.axvline(s, color="k", ls="--", lw=1)
+        ax.axvline(s, color="k", ls="--", lw=1, label="recommended scale" if label else None)
 
 
 def _scale_axis(ax, rec) -> None:
@@ -62,12 +65,12 @@ def _scale_axis(ax, rec) -> None:
 def plot_recommendation(rec, path: str | Path) -> Path:
     """Three panels side by side; the grey band and dashed line are the recommended scale and its bootstrap
     interval; bands and error bars are 95 % bootstrap intervals."""
-    fig = figure(figsize=(14, 4.6))
+    fig = figure(figsize=(14, 4.8), layout="constrained")
     axes = fig.subplots(1, 3)
     ax = axes[0]
-    _mark(ax, rec)
-    _band(ax, rec.grid, rec, "grid_r1", "C0", "r1(s) curve (left tail)")
-    _band(ax, rec.grid, rec, "grid_r2", "C3", "r2(s) curve (right tail)")
+    _mark(ax, rec, label=True)
+    _band(ax, rec.grid, rec, "grid_r1", "C0", "r1(s) curve (left tail)", (0.0, 1.0))
+    _band(ax, rec.grid, rec, "grid_r2", "C3", "r2(s) curve (right tail)", (0.0, 1.0))
     _points(ax, rec.scales, rec, "r1", "C0", "r1 assayed")
     _points(ax, rec.scales, rec, "r2", "C3", "r2 assayed", marker="s")
     _schedule_points(ax, rec, "r1", "C0", "r1")
@@ -85,7 +88,7 @@ def plot_recommendation(rec, path: str | Path) -> Path:
     _points(ax, rec.scales, rec, "drift", "C2", "at the pilot's scales")
     _schedule_points(ax, rec, "drift", "C1", "schedule")
     ax.axhline(0, color="0.4", lw=0.8)
-    ax.set_ylabel("phenotype drift per iteration")
+    ax.set_ylabel("change of the mean phenotype per iteration")
     h2 = rec.estimate["heritability"]
     ax.set_title(f"Predicted drift per iteration\nK = {rec.config.num_iterations}, h2 = {h2:.2g} "
                  f"({rec.heritability_source})", fontsize=11)
@@ -93,10 +96,10 @@ def plot_recommendation(rec, path: str | Path) -> Path:
 
     ax = axes[2]
     _mark(ax, rec)
-    _band(ax, rec.grid, rec, "grid_distance", "C4", "from the curves")
+    _band(ax, rec.grid, rec, "grid_distance", "C4", "from the curves", (0.0, None))
     _points(ax, rec.scales, rec, "distance", "C4", "at the pilot's scales")
     _schedule_points(ax, rec, "distance", "C1", "schedule")
-    ax.set_ylabel("mean |phenotype(D_k) - D_0| / sd(D_0)")
+    ax.set_ylabel("mean distance of D_1..D_K to D_0\n(in standard deviations of D_0)")
     lo, hi = rec.interval("recommended")
     best = (f"s = {float(rec.estimate['recommended']):.2f} (95 % interval {lo:.2f} to {hi:.2f})")
     title = (f"recommended {best}" if rec.winner is None else
@@ -105,5 +108,4 @@ def plot_recommendation(rec, path: str | Path) -> Path:
     ax.legend(fontsize=8, loc="best")
     for ax in axes:
         _scale_axis(ax, rec)
-    fig.tight_layout()
     return save_figure(fig, path)

@@ -1,7 +1,9 @@
 """`qtm fit`: infer per-condition selection (r1, r2, ...) from a results dataset (docs/model.md section 6).
 
 The command builds a FitConfig, calls `fitting.driver.fit_observations`, and writes what was asked for:
-a table on the terminal (or `--json`), `--out fit.nc`, `--plot fit.png`. Heavy imports happen inside.
+a table on the terminal (or `--json`), `--out fit.nc`, `--plot fit.png`. Given a run folder it writes the
+fit to RUN/fit.nc unless `--out` names another file, so that `qtm report RUN` draws it; a previous fit there
+is replaced (atomically, and said in a note), anything else there is refused. Heavy imports happen inside.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from qtm.commands.common import (PLOT_SUFFIXES, JsonFlag, NetcdfOut, PlotOut, check_output, console, fail,
-                                 print_json, progress_bars, reported, writing)
+from qtm.commands.common import (PLOT_SUFFIXES, JsonFlag, PlotOut, check_output, console, fail, note, print_json,
+                                 progress_bars, reported, writing)
 
 FLAGS = {
     "selection": "--model", "mutation": "--mutation", "variance": "--variance", "objective": "--objective",
@@ -51,6 +53,36 @@ def _fixes(values: list[str] | None) -> tuple[tuple[str, float], ...]:
     return tuple(out.items())
 
 
+def default_out(path: Path) -> tuple[Path | None, bool]:
+    """Where a fit of `path` goes without --out: (RUN/fit.nc, whether it replaces a previous fit) for a run
+    folder holding metrics.nc, (None, False) for a .nc file. Refuses (one `error:` line) a run folder this
+    process cannot write into and a RUN/fit.nc that is not a fit (`fit_schema_version` missing), before any
+    work, so nothing but an earlier fit is ever replaced."""
+    import os
+
+    from qtmio.contract import FIT_FILE, METRICS_FILE
+
+    if not (path.is_dir() and (path / METRICS_FILE).is_file()):
+        return None, False
+    out = path / FIT_FILE
+    if not os.access(path, os.W_OK):
+        fail(f"{path} is not writable, so the fit cannot go to {out}; give --out FILE elsewhere")
+    if not out.exists():
+        return out, False
+    if out.is_dir():
+        fail(f"{out} is a directory; move it away or give --out FILE")
+    try:
+        from qtmio.netcdf import read_netcdf
+
+        is_fit = "fit_schema_version" in read_netcdf(out).attrs
+    except Exception:  # noqa: BLE001 - anything unreadable is not a fit to replace
+        is_fit = False
+    if not is_fit:
+        fail(f"{out} exists and is not a fit written by `qtm fit` (no fit_schema_version); move it away or "
+             "give --out FILE")
+    return out, True
+
+
 def fit(
     path: Annotated[Path, typer.Argument(help="Run directory (results/NAME with metrics.nc) or a .nc file.")],
     model: Annotated[str, typer.Option(
@@ -85,12 +117,18 @@ def fit(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the starts, draws and bootstrap.")] = 0,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also fit hard/soft x none/paper/additive and compare AIC/BIC.")] = False,
-    out: NetcdfOut = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Write the fit dataset (.nc) to this file. Default for a run directory: RUN/fit.nc, "
+                      "where `qtm report RUN` finds it (a previous fit there is replaced); for a .nc file: "
+                      "none.", show_default=False)] = None,
     plot: PlotOut = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Fit qtm's recursion to per-iteration phenotypes: per-condition r1, r2 (and tail_rate, sigma_mut),
-    shared mu0, sigma_g0, sigma_env, with 95 % intervals, goodness of fit and an optional forecast."""
+    shared mu0, sigma_g0, sigma_env, with 95 % intervals, goodness of fit and an optional forecast.
+
+    Given a run directory, the fit is written to RUN/fit.nc (replacing a previous fit), where `qtm report
+    RUN` draws it; --out FILE writes it elsewhere."""
     import dataclasses
     import sys
 
@@ -102,6 +140,8 @@ def fit(
 
     check_output("--out", out)
     check_output("--plot", plot, suffixes=PLOT_SUFFIXES)
+    default, replaces = (None, False) if out is not None else default_out(path)
+    out = out or default
     with reported(FLAGS):
         obs = load_observations(path)
     if drift is None:
@@ -136,6 +176,9 @@ def fit(
     if out is not None:
         with writing("--out", out):
             write_fit(result, out, seed=seed, comparison=comparison, command=command)
+        if default is not None:
+            note(f"fit written to {out}, " + ("replacing the previous fit there " if replaces else "")
+                 + f"(the default for a run folder, drawn by `qtm report {path}`; --out FILE writes elsewhere)")
     if plot is not None:
         from fitting.plotting import plot_fit
 

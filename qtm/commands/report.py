@@ -19,12 +19,13 @@ from typing import Annotated
 
 import typer
 
-from qtm.commands.common import JsonFlag, console, fail, print_json, reported, writing
+from qtm.commands.common import JsonFlag, console, fail, note, print_json, reported, writing
 
 
 def build_report(run_dir: Path, *, fit_path: Path | None = None, out_dir: Path | None = None,
                  images_per_cell: int = 4, num_bootstrap: int = 1000) -> dict:
-    """Write every figure and report.md; returns {"report": path, "figures": {...}, "rows": [...]}, and
+    """Write every figure and report.md; returns {"report": path, "figures": {...}, "rows": [...], "left_out":
+    [what the dataset does not hold, so the report leaves it out (chain.report.left_out)]}, and
     "selection_routes" (fitting.assay.compare_routes) when the run has reference images and a fit.
     `num_bootstrap`: replicates of the assay's intervals (runs with reference images)."""
     from chain import report as chain_report
@@ -34,8 +35,7 @@ def build_report(run_dir: Path, *, fit_path: Path | None = None, out_dir: Path |
 
     metrics = contract.read_results(run_dir)
     source = str(run_dir / contract.METRICS_FILE)
-    contract.check_schema(metrics, source)
-    chain_report.check_metrics(metrics, source)
+    contract.read_phenotypes(metrics, source=source)  # all a report needs is what `qtm fit` reads
     out_dir = out_dir or run_dir / "report"
     fit_path = fit_path or run_dir / contract.FIT_FILE
     fit = contract.read_results(fit_path) if fit_path.is_file() else None
@@ -62,7 +62,7 @@ def build_report(run_dir: Path, *, fit_path: Path | None = None, out_dir: Path |
         figures.update(assay_figures)
     report_path = write_text_atomic(out_dir / "report.md", text)
     result = {"report": str(report_path), "figures": {k: str(out_dir / v) for k, v in figures.items()},
-              "rows": rows}
+              "rows": rows, "left_out": chain_report.left_out(run_dir, metrics)}
     if routes is not None:
         result["selection_routes"] = routes
     return result
@@ -96,7 +96,8 @@ def _assay_section(metrics, fit, out_dir: Path, *, source: str, num_bootstrap: i
 
 
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (results/NAME) holding metrics.nc.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (results/NAME) holding metrics.nc, or a "
+                                                 "folder holding a hand-written one.")],
     fit_path: Annotated[Path | None, typer.Option("--fit", help="fit.nc to draw (default RUN_DIR/fit.nc).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN_DIR/report).")] = None,
     images_per_cell: Annotated[int, typer.Option("--images-per-cell", min=1, max=16,
@@ -106,7 +107,10 @@ def report(
                                     "reference images).")] = 1000,
     json_output: JsonFlag = False,
 ) -> None:
-    """Figures and a markdown summary of a chain run: phenotype (with fit), image grid, spectra, FD."""
+    """Figures and a markdown summary of a chain run: phenotype (with fit), image grid, spectra, FD.
+
+    A dataset holding only what `qtm fit` needs (hf_power, or the summary trio) gets the phenotype figure and
+    table; the report names what it leaves out."""
     if not run_dir.is_dir():
         fail(f"{run_dir} is not a directory: give a run directory written by `qtm chain run` or `qtm demo`")
     if fit_path is not None and not fit_path.is_file():
@@ -132,4 +136,6 @@ def report(
     terminal.print(table)
     for row in result.get("selection_routes", []):
         terminal.print(row["sentence"], markup=False)
+    for part in result["left_out"]:
+        note(f"the report leaves out {part}")
     terminal.print(f"report: {result['report']}")

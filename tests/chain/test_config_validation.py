@@ -295,4 +295,10 @@ def test_cuda_device_refused_at_run_start_through_the_cli(tmp_path):
                    '[model]\npath = "tiny"\n[[conditions]]\nname = "a"\n')
     _one_error_line(_cli(["chain", "run", str(cfg), "--out", str(tmp_path / "o")]), "'run.device' = 'cuda'",
                     "no usable CUDA")
-    assert not (tmp_path / "o" / "metrics.nc").exists() and not (tmp_path / "o" / "data").exists()
+    assert not (tmp_path / "o").exists()  # nothing made: no folder, no data/, no run.lock
+    # a refused run in an existing folder leaves it as it was: no run.lock is created
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    _one_error_line(_cli(["chain", "run", str(cfg), "--out", str(tmp_path / "o")]), "'run.device' = 'cuda'",
+                    "no usable CUDA")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["notes.txt"]

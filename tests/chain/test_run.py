@@ -85,7 +85,8 @@ def test_end_to_end_contract(uninterrupted):
     from chain.spectra import measure_spectra
 
     imgs = torch.stack([load_image(p) for p in list_images(out / "images" / "redifine" / "2")])
-    np.testing.assert_allclose(measure_spectra(imgs, dtype=torch.float64).hf_power.numpy(),
+    assert ds.attrs["phenotype_tau"] == 0.16  # the example keeps 5.1 cycles per image at 32 pixels
+    np.testing.assert_allclose(measure_spectra(imgs, tau=0.16, dtype=torch.float64).hf_power.numpy(),
                                ds.hf_power.sel(condition="redifine", iteration=2).values, rtol=1e-12)
 
 

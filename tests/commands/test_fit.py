@@ -169,3 +169,52 @@ def test_run_in_progress_fits_the_finished_conditions(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and str(path) in result.stderr
     assert "only at iteration 0" in result.stderr
+
+
+def _run_copy(run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(run_dir / "metrics.nc", run / "metrics.nc")
+    return run
+
+
+def test_a_run_folder_gets_its_fit_nc_by_default_and_a_refit_replaces_it(run_dir, tmp_path):
+    run = _run_copy(run_dir, tmp_path)
+    first = _invoke(run, "--starts", "2", "--seed", "1")
+    assert first.exit_code == 0, first.output
+    fit_nc = run / "fit.nc"
+    assert xr.open_dataset(fit_nc, engine="h5netcdf").load().attrs["seed"] == 1
+    assert f"note: fit written to {fit_nc}" in first.output and "replacing" not in first.output
+    second = _invoke(run, "--starts", "2", "--seed", "2")
+    assert second.exit_code == 0, second.output
+    assert "replacing the previous fit" in second.output
+    assert xr.open_dataset(fit_nc, engine="h5netcdf").load().attrs["seed"] == 2
+    assert sorted(p.name for p in run.iterdir()) == ["fit.nc", "metrics.nc"]  # no temporaries left
+    # qtm report draws the fit it finds there
+    report = runner.invoke(app, ["report", str(run), "--json"])
+    assert report.exit_code == 0, report.output
+    assert any("fitted" in caption for caption in json.loads(report.stdout)["figures"])
+
+
+def test_out_overrides_the_default_and_a_nc_file_gets_no_default(run_dir, tmp_path):
+    run = _run_copy(run_dir, tmp_path)
+    other = tmp_path / "elsewhere.nc"
+    result = _invoke(run, "--starts", "2", "--out", other)
+    assert result.exit_code == 0, result.output
+    assert other.is_file() and not (run / "fit.nc").exists() and "note: fit written" not in result.output
+    result = _invoke(run / "metrics.nc", "--starts", "2")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.nc"]
+
+
+def test_a_fit_nc_that_is_not_a_fit_is_refused_before_the_fit_and_kept(run_dir, tmp_path):
+    run = _run_copy(run_dir, tmp_path)
+    (run / "fit.nc").write_bytes(b"my own notes")
+    result = _invoke(run, "--starts", "2")
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is not a fit written by `qtm fit`" in errors[0] and "--out" in errors[0]
+    assert (run / "fit.nc").read_bytes() == b"my own notes"
+    assert "qtm fit:" not in result.output  # refused before any stage ran

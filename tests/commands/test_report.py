@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import xarray as xr
 from PIL import Image
 from typer.testing import CliRunner
@@ -200,3 +201,51 @@ def test_report_without_reference_images_has_no_assay(tmp_path):
     assert result.exit_code == 0, result.output
     assert not (run / "report" / "assay.png").exists()
     assert "Selection assay" not in (run / "report" / "report.md").read_text()
+
+
+def _fit_only(root: Path, *, summary: bool = False) -> tuple[Path, np.ndarray]:
+    """A folder holding only what `qtm fit` needs (docs/results-contract.md): hf_power (or the summary trio)
+    over condition and iteration, and schema_version."""
+    hf = np.random.default_rng(3).uniform(0.1, 0.9, size=(2, 3, 7))
+    if summary:
+        ds = xr.Dataset({"hf_power_mean": (("condition", "iteration"), hf.mean(-1)),
+                         "hf_power_std": (("condition", "iteration"), hf.std(-1, ddof=1)),
+                         "num_images": (("condition", "iteration"), np.full((2, 3), 7))},
+                        coords={"condition": CONDITIONS, "iteration": [0, 1, 2]}, attrs={"schema_version": 1})
+    else:
+        ds = xr.Dataset({"hf_power": (("condition", "iteration", "image"), hf)},
+                        coords={"condition": CONDITIONS, "iteration": [0, 1, 2]}, attrs={"schema_version": 1})
+    run = root / "mine"
+    run.mkdir()
+    ds.to_netcdf(run / "metrics.nc", engine="h5netcdf")
+    return run, hf
+
+
+@pytest.mark.parametrize("summary", [False, True])
+def test_report_on_a_dataset_holding_only_what_fit_needs_says_what_it_leaves_out(tmp_path, summary):
+    run, hf = _fit_only(tmp_path, summary=summary)
+    result = CliRunner().invoke(app, ["report", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["phenotype.png", "report.md"]
+    assert len(out["left_out"]) == 3
+    assert any("image grid" in s for s in out["left_out"]) and any("radial_psd" in s for s in out["left_out"])
+    assert any("fd_dinov2" in s for s in out["left_out"])
+    rows = {(r["condition"], r["iteration"]): r for r in out["rows"]}
+    assert np.isclose(rows[("cfg7.5", 2)]["hf_power_mean"], hf[1, 2].mean())
+    assert np.isclose(rows[("cfg7.5", 2)]["hf_power_std"], hf[1, 2].std(ddof=1))
+    assert rows[("cfg7.5", 2)]["num_images"] == 7
+    text = (run / "report" / "report.md").read_text()
+    assert "Left out, because the dataset does not hold it:" in text and "radial_psd" in text
+    assert "| cfg7.5 | 2 |" in text
+    plain = CliRunner().invoke(app, ["report", str(run)])
+    assert plain.exit_code == 0, plain.output
+    assert "note: the report leaves out the radial spectra (no radial_psd)" in plain.output
+
+
+def test_a_full_run_leaves_nothing_out(tmp_path):
+    run, _ = make_run(tmp_path)
+    result = CliRunner().invoke(app, ["report", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["left_out"] == []
+    assert "Left out" not in (run / "report" / "report.md").read_text()

@@ -47,3 +47,29 @@ def test_no_pyplot_state():
     assert type(fig.canvas).__name__ == "FigureCanvasAgg"
     if not already:
         assert "matplotlib.pyplot" not in sys.modules
+
+
+def test_iteration_axis_ticks_whole_numbers_only():
+    from qtmio.figures import iteration_axis
+
+    fig = figure(figsize=(3, 2))
+    ax = fig.subplots()
+    ax.plot([0, 1, 2], [0.1, 0.3, 0.2])
+    iteration_axis(ax, [0, 1, 2])
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if -0.5 <= t <= 2.5]
+    assert ticks == [0, 1, 2] and ax.get_xlim() == (-0.5, 2.5) and ax.get_xlabel() == "iteration"
+
+
+def test_one_legend_gathers_each_label_once():
+    from qtmio.figures import one_legend
+
+    fig = figure(figsize=(3, 2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax in axes:
+        ax.plot([0, 1], [0, 1], label="fit")
+        ax.plot([0, 1], [1, 0], label="observed")
+    axes[1].plot([0, 1], [0.5, 0.5], label="only here")
+    legend = one_legend(fig, axes)
+    assert [t.get_text() for t in legend.get_texts()] == ["fit", "observed", "only here"]
+    assert fig.legends == [legend] and one_legend(fig, [fig.subplots()]) is None
