@@ -111,9 +111,9 @@ def test_residual_covariance_matches_monte_carlo(r1, r2, measured, mode, varianc
 
 
 def test_large_population_gives_independent_normal_cells():
-    """N -> infinity: the drift NLL is the sum over cells of normal densities of the mean (V / n) and the
-    sample variance (2 V^2 / (n - 1)), i.e. the default NLL with the chi2 variance terms swapped for their
-    normal approximation (scipy reference). (That a finite N differs is the Monte Carlo test above.)"""
+    """N -> infinity: the drift objective at its own pilot is the sum over cells (iteration 0 once) of normal
+    densities of the mean (V / n) and of the sample variance (2 V^2 / (n - 1)) (scipy reference); the
+    cross-condition terms of the shared D_0 vanish with 1 / N."""
     x = recursion_phenotypes(TRUTH_CONDITIONS, TRUTH_SHARED, num_iterations=3, num_images=200, seed=3)
     obs = from_phenotypes(list(TRUTH_CONDITIONS), np.arange(4), x)
     default = build_problem(obs, ModelSpec())
@@ -126,13 +126,45 @@ def test_large_population_gives_independent_normal_cells():
         ci, it = np.asarray(d.condition_index), np.asarray(d.iteration)
         n, xbar, s2 = np.asarray(d.num_images), np.asarray(d.mean), np.asarray(d.var)
         mu, v = mean[0][ci, it], var[0][ci, it]
-        later = it >= 1
-        chi2_terms = np.asarray(cell_nll(mu, v, n, xbar, s2, xp=np))
-        normal_var = -scipy.stats.norm.logpdf(s2, v, v * np.sqrt(2 / (n - 1)))
-        chi2_var = chi2_terms + scipy.stats.norm.logpdf(xbar, mu, np.sqrt(v / n))
-        reference = default.nll(u) + np.sum((normal_var - chi2_var)[later])
-        assert limit.nll(u) == pytest.approx(reference, rel=1e-9)
+        reference = -np.sum(scipy.stats.norm.logpdf(xbar, mu, np.sqrt(v / n))
+                            + scipy.stats.norm.logpdf(s2, v, v * np.sqrt(2 / (n - 1))))
+        assert limit.with_pilot(u).nll(u) == pytest.approx(reference, rel=1e-9)
         assert abs(default.nll(u) - reference) > 1e-3   # the chi2 and normal variance terms do differ
+
+
+def test_gls_objective_against_numpy():
+    """The chain objective (fitting.drift.chain_gls_nll) against a direct numpy implementation on a small
+    problem (2 conditions, K = 2, N = 500): residuals from qtm's recursion, Sigma from
+    shared_origin_covariance at the pilot, 0.5 e^T Sigma^-1 e + 0.5 log det(2 pi Sigma) by numpy.linalg;
+    the covariance is held at the pilot (the value at other parameters moves only through e)."""
+    from qtm.finite_population import shared_origin_covariance
+    from qtm.recursion import trajectory
+
+    conditions = {"a": (0.5, 0.09), "b": (0.1, 0.3)}
+    x = montecarlo_phenotypes(conditions, TRUTH_SHARED, num_iterations=2, num_images=500, population=500, seed=2)
+    obs = from_phenotypes(list(conditions), np.arange(3), x)
+    problem = build_problem(obs, ModelSpec(drift=True))
+    rng = np.random.default_rng(1)
+    u_pilot = rng.normal(0.0, 0.2, problem.layout.size)
+    pilot = problem.natural(u_pilot)
+    sigma, _, _ = shared_origin_covariance(jnp.asarray(pilot), 2, jnp.full((2, 3), 500.0), jnp.full((2, 3), 500.0))
+    sigma = np.asarray(sigma)
+    fixed = problem.with_pilot(u_pilot)
+    for _ in range(3):
+        u = u_pilot + rng.normal(0.0, 0.1, u_pilot.size)
+        table = problem.natural(u)
+        resid = []
+        for c in range(2):
+            traj = trajectory(TraitParams(*table[c]), 2)
+            m, v = np.asarray(traj.mean), np.asarray(traj.var_genetic)
+            if c == 0:
+                resid += [x[0, 0].mean() - m[0], x[0, 0].var(ddof=1) - v[0]]
+            resid_c = [[x[c, k].mean() - m[k], x[c, k].var(ddof=1) - v[k]] for k in (1, 2)]
+            resid.append(np.ravel(resid_c))
+        e = np.concatenate([np.atleast_1d(r) for r in resid])
+        _, logdet = np.linalg.slogdet(2 * np.pi * sigma)
+        reference = 0.5 * e @ np.linalg.solve(sigma, e) + 0.5 * logdet
+        assert fixed.nll(u) == pytest.approx(reference, rel=1e-9)
 
 
 def test_too_few_selected_individuals_is_outside_the_domain():
@@ -146,11 +178,15 @@ def test_too_few_selected_individuals_is_outside_the_domain():
     from fitting.model import to_unconstrained
 
     u = to_unconstrained(table, drift)
-    value, grad = drift.value_and_grad(u)
+    value, grad = drift.with_pilot(u).value_and_grad(u)
     assert value == np.inf and np.all(np.isfinite(grad))
     assert np.isfinite(build_problem(obs, ModelSpec()).nll(u))
     table[0, IDX["r1"]] = 0.980   # 15 selected: inside
-    assert np.isfinite(drift.nll(to_unconstrained(table, drift)))
+    inside = to_unconstrained(table, drift)
+    assert np.isfinite(drift.with_pilot(inside).nll(inside))
+    # outside at the parameters with the pilot inside: +inf too, gradient finite
+    value, grad = drift.with_pilot(inside).value_and_grad(u)
+    assert value == np.inf and np.all(np.isfinite(grad))
 
 
 def test_spec_errors_name_the_field():
