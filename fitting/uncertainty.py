@@ -257,7 +257,8 @@ def profile_start(problem: Problem, u_hat: np.ndarray) -> np.ndarray:
             rows = range(problem.layout.num_conditions) if c < 0 else [c]
             for row in rows:
                 col = 0 if name == "r1" else 1
-                if table[row, col] < R_FLOOR:
+                room = 1.0 - table[row, 0] - table[row, 1] - (R_FLOOR - table[row, col])
+                if table[row, col] < R_FLOOR and room > R_FLOOR:   # keep the kept fraction positive
                     table[row, col] = R_FLOOR
                     moved = True
     return to_unconstrained(table, problem) if moved else np.asarray(u_hat, dtype=np.float64)

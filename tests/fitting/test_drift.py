@@ -134,37 +134,56 @@ def test_large_population_gives_independent_normal_cells():
 
 def test_gls_objective_against_numpy():
     """The chain objective (fitting.drift.chain_gls_nll) against a direct numpy implementation on a small
-    problem (2 conditions, K = 2, N = 500): residuals from qtm's recursion, Sigma from
+    problem (3 conditions, K = 3, N = 400): residuals from qtm's recursion, Sigma from
     shared_origin_covariance at the pilot, 0.5 e^T Sigma^-1 e + 0.5 log det(2 pi Sigma) by numpy.linalg;
     the covariance is held at the pilot (the value at other parameters moves only through e)."""
     from qtm.finite_population import shared_origin_covariance
     from qtm.recursion import trajectory
 
-    conditions = {"a": (0.5, 0.09), "b": (0.1, 0.3)}
-    x = montecarlo_phenotypes(conditions, TRUTH_SHARED, num_iterations=2, num_images=500, population=500, seed=2)
-    obs = from_phenotypes(list(conditions), np.arange(3), x)
+    k, size = 3, 400
+    x = montecarlo_phenotypes(TRUTH_CONDITIONS, TRUTH_SHARED, num_iterations=k, num_images=size, population=size,
+                              seed=2)
+    obs = from_phenotypes(list(TRUTH_CONDITIONS), np.arange(k + 1), x)
     problem = build_problem(obs, ModelSpec(drift=True))
     rng = np.random.default_rng(1)
     u_pilot = rng.normal(0.0, 0.2, problem.layout.size)
     pilot = problem.natural(u_pilot)
-    sigma, _, _ = shared_origin_covariance(jnp.asarray(pilot), 2, jnp.full((2, 3), 500.0), jnp.full((2, 3), 500.0))
+    grid = jnp.full((3, k + 1), float(size))
+    sigma, _, _ = shared_origin_covariance(jnp.asarray(pilot), k, grid, grid)
     sigma = np.asarray(sigma)
     fixed = problem.with_pilot(u_pilot)
     for _ in range(3):
         u = u_pilot + rng.normal(0.0, 0.1, u_pilot.size)
         table = problem.natural(u)
         resid = []
-        for c in range(2):
-            traj = trajectory(TraitParams(*table[c]), 2)
+        for c in range(3):
+            traj = trajectory(TraitParams(*table[c]), k)
             m, v = np.asarray(traj.mean), np.asarray(traj.var_genetic)
             if c == 0:
                 resid += [x[0, 0].mean() - m[0], x[0, 0].var(ddof=1) - v[0]]
-            resid_c = [[x[c, k].mean() - m[k], x[c, k].var(ddof=1) - v[k]] for k in (1, 2)]
-            resid.append(np.ravel(resid_c))
-        e = np.concatenate([np.atleast_1d(r) for r in resid])
+            resid += [val for j in range(1, k + 1) for val in (x[c, j].mean() - m[j], x[c, j].var(ddof=1) - v[j])]
+        e = np.array(resid)
         _, logdet = np.linalg.slogdet(2 * np.pi * sigma)
         reference = 0.5 * e @ np.linalg.solve(sigma, e) + 0.5 * logdet
         assert fixed.nll(u) == pytest.approx(reference, rel=1e-9)
+
+
+def test_chain_fit_ends_at_a_fixed_point_of_its_pilot():
+    """The drift fit iterates generalized least squares with the covariance at the previous estimate: at the
+    end, re-optimizing with the covariance at the final estimate moves it by less than the tolerance (and
+    the objective's gradient there is ~0)."""
+    from fitting.driver import PILOT_TOLERANCE, FitConfig, fit_observations
+    from fitting.optimize import local_minimize
+
+    x = montecarlo_phenotypes(TRUTH_CONDITIONS, TRUTH_SHARED, num_iterations=3, num_images=400, population=400,
+                              seed=4)
+    obs = from_phenotypes(list(TRUTH_CONDITIONS), np.arange(4), x)
+    result = fit_observations(obs, FitConfig(spec=ModelSpec(drift=True), num_starts=2, num_draws=16,
+                                             interval="laplace"), key=jax.random.key(0))
+    u_hat = result.optimization.best.u
+    again = local_minimize(result.problem.with_pilot(u_hat), u_hat)
+    assert np.max(np.abs(again.u - u_hat)) < 5 * PILOT_TOLERANCE
+    assert abs(again.nll - result.problem.with_pilot(u_hat).nll(u_hat)) < 1e-2
 
 
 def test_too_few_selected_individuals_is_outside_the_domain():

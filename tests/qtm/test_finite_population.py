@@ -87,6 +87,7 @@ def test_shared_origin_covariance_blocks_are_the_single_condition_covariance():
         np.testing.assert_allclose(sigma[np.ix_(rows, rows)], np.asarray(own), rtol=1e-10, atol=1e-18)
 
 
+@pytest.mark.slow
 def test_shared_origin_covariance_matches_monte_carlo():
     """Sigma of (xbar_0, s2_0, then xbar_ck, s2_ck for k >= 1 per condition) against the empirical covariance
     over Monte Carlo replicates of chains that share D_0 (N = 1000 all measured, 2 conditions, K = 3): the
