@@ -23,7 +23,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# Coverage studies of `qtm fit` (verification/): hours on one core at the default 200 seeds per study.
+# Coverage studies of `qtm fit` (verification/): 100 seeds per study, ~10-20 min each on one loaded core.
 verify: $(STAMP)
 	$(PY) -m verification $(VERIFY_ARGS)
 

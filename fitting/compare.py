@@ -12,10 +12,9 @@ import dataclasses
 
 import jax
 
-from fitting.driver import information_criteria
+from fitting.driver import information_criteria, optimize
 from fitting.model import ModelSpec, build_problem
 from fitting.observations import Observations
-from fitting.optimize import minimize_multistart
 
 VARIANTS = (("hard", "none"), ("soft", "none"), ("hard", "paper"), ("hard", "additive"),
             ("soft", "paper"), ("soft", "additive"))
@@ -35,7 +34,7 @@ def compare_variants(obs: Observations, spec: ModelSpec, *, num_starts: int, key
                       if not (n == "tail_rate" and selection == "hard") and not (n == "sigma_mut" and mutation == "none"))
         variant = dataclasses.replace(spec, selection=selection, mutation=mutation, free=free, fixed=fixed)
         problem = build_problem(obs, variant)
-        result = minimize_multistart(problem, num_starts=num_starts, key=k)
+        result, problem = optimize(problem, obs, num_starts=num_starts, key=k)
         row = {"model": selection, "mutation": mutation, "status": result.best.status}
         row.update(information_criteria(problem, result.best.nll) if result.ok else
                    {"aic": float("inf"), "bic": float("inf"), "num_free": problem.layout.size})

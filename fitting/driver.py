@@ -11,13 +11,13 @@ import numpy as np
 
 from fitting.errors import FitError, ModelError, ObservationError
 from fitting.forecast import Prediction, align, forecast_report, predict
-from fitting.model import ModelSpec, Problem, build_problem, zero_variance_cells
+from fitting.model import ModelSpec, Problem, build_problem, to_unconstrained, zero_variance_cells
 from fitting.observations import Observations, cell_statistics
-from fitting.optimize import OptimizationResult, minimize_multistart
-from fitting.uncertainty import Uncertainty, bootstrap, laplace, posterior_draws, profile
+from fitting.optimize import OptimizationResult, initial_table, local_minimize, minimize_multistart
+from fitting.uncertainty import Uncertainty, bootstrap, laplace, laplace_is_adequate, posterior_draws, profile
 from qtm.params import PARAM_NAMES, require_x64
 
-INTERVALS = ("laplace", "profile", "bootstrap")
+INTERVALS = ("auto", "laplace", "profile", "bootstrap")
 _IDX = {name: i for i, name in enumerate(PARAM_NAMES)}
 
 
@@ -26,7 +26,7 @@ class FitConfig:
     """Everything that decides a fit besides the data and the random key (stored in the fit's attrs)."""
 
     spec: ModelSpec = ModelSpec()
-    interval: str = "laplace"
+    interval: str = "auto"
     num_starts: int = 8
     train_iterations: int | None = None
     num_bootstrap: int = 200
@@ -122,19 +122,8 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     problem = build_problem(train, config.spec, num_iterations=obs.max_iteration)
     k_start, k_unc, k_draw, k_noise = jax.random.split(key, 4)
 
-    init = None
     observation = problem.layout.observation
-    if observation.needs_pilot:
-        # The drift likelihood has spurious stalls far from the optimum (huge drift explains anything at
-        # the price of its log-determinant); the default model's optimum, close to the drift one, is
-        # always among its starts.
-        base = build_problem(train, dataclasses.replace(config.spec, drift=False, population=None),
-                             num_iterations=obs.max_iteration)
-        first = minimize_multistart(base, num_starts=config.num_starts, key=k_start)
-        init = first.best.u if first.ok else None
-    tick = progress("optimizing", config.num_starts) if progress else None
-    optimization = minimize_multistart(problem, num_starts=config.num_starts, key=k_start, init=init,
-                                       progress=tick)
+    optimization, problem = optimize(problem, train, num_starts=config.num_starts, key=k_start, progress=progress)
     if not optimization.ok:
         messages = "; ".join(sorted({s.message for s in optimization.starts}))
         raise FitError(f"the optimization failed from all {len(optimization.starts)} starts ({messages}); "
@@ -143,7 +132,8 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     u_hat, nll_hat = optimization.best.u, optimization.best.nll
 
     unc = laplace(problem, u_hat, nll_hat)
-    if config.interval == "profile":
+    if config.interval == "profile" or (config.interval == "auto" and not laplace_is_adequate(problem, u_hat,
+                                                                                                nll_hat, unc)):
         tick = progress("profiling", problem.layout.size) if progress else None
         unc = profile(problem, u_hat, nll_hat, unc, progress=tick)
     elif config.interval == "bootstrap":
@@ -196,6 +186,46 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
                      uncertainty=unc, estimate=table, lower=lower, upper=upper, free=free, identified=identified,
                      prediction=prediction, observed=observed, goodness_of_fit=gof, forecast=forecast,
                      information=info, warnings=tuple(dict.fromkeys(warnings)))
+
+
+MAX_PILOT_ROUNDS = 4
+PILOT_TOLERANCE = 1e-3   # largest change of the unconstrained vector between rounds at the fixed point
+
+
+def optimize(problem: Problem, train: Observations, *, num_starts: int, key: jax.Array,
+             progress=None) -> tuple[OptimizationResult, Problem]:
+    """The optimum of `problem` and the problem it belongs to: multi-start optimization, or, for an
+    observation model with a pilot (a chain), generalized least squares with the covariance at a pilot,
+    iterated to a fixed point (fitting.drift).
+
+    The first pilot is the independent-draws fit of the same data; each round minimizes with the covariance
+    held at the previous round's estimate (all starts in the first round, the previous optimum then), until
+    the estimate moves by less than PILOT_TOLERANCE or after MAX_PILOT_ROUNDS rounds. Returns the last
+    optimization and the problem whose pilot it used."""
+    tick = progress("optimizing", num_starts) if progress else None
+    if not problem.layout.observation.needs_pilot:
+        return minimize_multistart(problem, num_starts=num_starts, key=key, progress=tick), problem
+    base = build_problem(train, dataclasses.replace(problem.spec, drift=False, population=None),
+                         num_iterations=problem.layout.num_iterations)
+    first = minimize_multistart(base, num_starts=num_starts, key=key)
+    # a chain's drift can pull the independent-draws optimum outside the covariance's domain (a window that
+    # keeps almost nobody); the deterministic first start is then the pilot of the first round
+    u = to_unconstrained(initial_table(problem), problem)
+    if first.ok and np.isfinite(problem.with_pilot(first.best.u).nll(first.best.u)):
+        u = first.best.u
+    current = problem.with_pilot(u)
+    optimization = minimize_multistart(current, num_starts=num_starts, key=key, init=u, progress=tick)
+    for _ in range(MAX_PILOT_ROUNDS - 1):
+        if not optimization.ok:
+            break
+        step = float(np.max(np.abs(optimization.best.u - u)))
+        u = optimization.best.u
+        if step < PILOT_TOLERANCE:
+            break
+        current = problem.with_pilot(u)
+        best = local_minimize(current, u)
+        optimization = OptimizationResult(best=best, starts=(best,))
+    return optimization, current
 
 
 def information_criteria(problem: Problem, nll_hat: float) -> dict[str, float]:

@@ -237,6 +237,12 @@ class Problem:
     data: Data
     num_observations: int    # total phenotype values (BIC's n)
     num_cells: int           # number of cell means (least squares' m)
+    pilot: object = None     # what the observation model precomputed at a pilot estimate (its covariance,
+    #                          `fitting.drift`); None = nothing (independent draws)
+
+    def with_pilot(self, u) -> Problem:
+        """The same problem with the observation model's covariance evaluated at the unconstrained u."""
+        return dataclasses.replace(self, pilot=self.layout.observation.prepare(self, self.natural(u)))
 
     def with_data(self, obs: Observations) -> Problem:
         cells = cell_statistics(obs)
@@ -255,7 +261,11 @@ class Problem:
         pad = (-num) % BATCH
         if pad:
             us = np.concatenate([us, np.repeat(us[-1:], pad, axis=0)])
-        parts = [_batched_eval(jnp.asarray(us[i:i + BATCH]), self.fixed, self.scale, self.data,
+        if self.pilot is None and self.layout.observation.needs_pilot:
+            raise RuntimeError("this observation model evaluates its covariance at a pilot estimate: "
+                               "call Problem.with_pilot(u) first")
+        pilot = np.zeros(()) if self.pilot is None else self.pilot
+        parts = [_batched_eval(jnp.asarray(us[i:i + BATCH]), self.fixed, self.scale, self.data, pilot,
                                layout=self.layout) for i in range(0, us.shape[0], BATCH)]
         values, grads, means, variances = (np.concatenate([np.asarray(p[k]) for p in parts])[:num]
                                            for k in range(4))
@@ -485,7 +495,7 @@ def cell_nll(mu, var, n, xbar, s2, xp=jnp):
 BATCH = 8
 
 
-def _objective_and_moments(u, fixed, scale, data, layout):
+def _objective_and_moments(u, fixed, scale, data, pilot, layout):
     table = to_natural(u, fixed, scale, layout)
     mean, var = predicted_moments(table, layout)
     mu = mean[data.condition_index, data.iteration]
@@ -494,14 +504,16 @@ def _objective_and_moments(u, fixed, scale, data, layout):
         value = 0.5 * jnp.sum(((data.mean - mu) / scale[1]) ** 2)
     else:
         terms = cell_nll(mu, v, data.num_images, data.mean, data.var)
-        value = layout.observation.nll(table, terms, data, layout)
+        value = layout.observation.nll(table, terms, data, layout, pilot)
     return jnp.where(jnp.isfinite(value), value, jnp.inf), (mean, var)
 
 
 @partial(jax.jit, static_argnames=("layout",))
-def _batched_eval(us, fixed, scale, data, layout):
-    """vmap over a chunk of vectors of (objective, gradient, mean, var): the one compiled program."""
-    one = jax.value_and_grad(lambda u: _objective_and_moments(u, fixed, scale, data, layout), has_aux=True)
+def _batched_eval(us, fixed, scale, data, pilot, layout):
+    """vmap over a chunk of vectors of (objective, gradient, mean, var): the one compiled program (the
+    pilot is an argument, so a new pilot reuses it)."""
+    one = jax.value_and_grad(lambda u: _objective_and_moments(u, fixed, scale, data, pilot, layout),
+                             has_aux=True)
     (values, (means, variances)), grads = jax.vmap(one)(us)
     return values, grads, means, variances
 

@@ -5,8 +5,9 @@ recursion's trajectory, so every cell contributes its exact term `fitting.model.
 s^2 scaled chi-square) and the sampling variance of an observed mean is V_k / n_k.
 
 `Chain` (`--drift`): the images of a chain ARE its population, so the realized trajectory drifts around the
-recursion and a condition's per-iteration statistics are jointly normal with the finite-population
-covariance of `qtm.finite_population` (`fitting.drift`). Iteration 0 keeps its cell term.
+recursion, and all conditions start from one D_0: the per-iteration statistics of all conditions are jointly
+normal with the finite-population covariance of `qtm.finite_population` (cross-condition terms from the
+shared D_0), fitted by generalized least squares with that covariance at a pilot estimate (`fitting.drift`).
 
 Each object gives the negative log-likelihood of the cells given the natural parameters and the cell terms,
 the variance of an observed mean (for the prediction band, expressed as an equivalent number of images),
@@ -30,8 +31,12 @@ class IndependentDraws:
     #: a pilot fit of the default model is not needed to start the optimizer
     needs_pilot: bool = False
 
-    def nll(self, table, terms, data, layout):
-        """Sum of the cells' exact terms `terms` (fitting.model.cell_nll, one per cell)."""
+    def prepare(self, problem, table):
+        """Nothing to precompute at a pilot."""
+        return None
+
+    def nll(self, table, terms, data, layout, pilot):
+        """Sum of the cells' exact terms `terms` (fitting.model.cell_nll, one per cell); no pilot used."""
         return jnp.sum(terms)
 
     def band_images(self, problem, u, observed) -> np.ndarray:
@@ -52,15 +57,21 @@ class Chain:
 
     population: int | None = None
     name: str = "chain"
-    #: far from the optimum the drift likelihood has spurious stalls; the default model's optimum starts it
+    #: the covariance is evaluated at a pilot estimate, iterated to a fixed point (`fitting.drift`); the
+    #: independent-draws fit is the first pilot
     needs_pilot: bool = True
 
-    def nll(self, table, terms, data, layout):
-        from fitting.drift import drift_nll
+    def prepare(self, problem, table):
+        """The whitening of the shared-D_0 covariance at the pilot `table` (`fitting.drift.gls_weights`)."""
+        from fitting.drift import gls_weights
 
-        return jnp.sum(jnp.where(data.iteration == 0, terms, 0.0)) + drift_nll(
-            table, data, num_iterations=layout.num_iterations, mutation_mode=layout.mutation_mode,
-            variance=layout.variance, population=self.population)
+        return gls_weights(table, problem.data, problem.layout)
+
+    def nll(self, table, terms, data, layout, pilot):
+        """Generalized least squares with the covariance held at the pilot (`fitting.drift`)."""
+        from fitting.drift import chain_gls_nll
+
+        return chain_gls_nll(table, pilot, data, layout)
 
     def band_images(self, problem, u, observed) -> np.ndarray:
         """V_k / Sigma_kk: the marginal variance of an observed mean under drift as a number of images."""

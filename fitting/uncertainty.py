@@ -213,6 +213,57 @@ def posterior_draws(u_hat: np.ndarray, cov_u: np.ndarray, num: int, *, key: jax.
     return rng.multivariate_normal(np.asarray(u_hat), np.asarray(cov_u), size=num, method="eigh")
 
 
+QUADRATIC_TOLERANCE = 0.25   # relative departure of the objective's rise from the quadratic's 1.92 (`auto`)
+R_FLOOR = 1e-4               # r1, r2 below this are moved up to it before profiling (`profile_start`)
+
+
+def laplace_is_adequate(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertainty) -> bool:
+    """Whether the data support Laplace intervals (the `auto` interval method), else profile likelihood.
+
+    Laplace needs a well-determined quadratic objective: every free entry identified (no near-singular
+    direction, no r indistinguishable from 0: at such a boundary the softmax coordinates freeze the other
+    parameters at their conditional values, which makes their Laplace intervals far too narrow), and along
+    every coordinate u_i the objective must rise by chi2_1(0.95)/2 = 1.92 within QUADRATIC_TOLERANCE of
+    that at u_i +- 1.96 / sqrt(H_ii), where a quadratic with the Hessian H rises by exactly 1.92 (a skewed or
+    flattening objective, e.g. a small r whose window edge moves fast, fails this). Costs 2P objective
+    evaluations in one batch."""
+    if problem.layout.objective != "likelihood":
+        return True          # least squares: the residual-variance Laplace intervals (module docstring)
+    if not np.all(base.identified):
+        return False
+    hessian = np.linalg.pinv(base.cov_u)
+    curvature = np.diag(hessian)
+    if np.any(curvature <= 0):
+        return False
+    steps = Z95 / np.sqrt(curvature)
+    p = u_hat.size
+    points = np.concatenate([u_hat + np.diag(steps), u_hat - np.diag(steps)])
+    rise = problem.batched_nll(points) - nll_hat
+    predicted = 0.5 * Z95 ** 2
+    return bool(rise.size == 2 * p and np.all(np.isfinite(rise))
+                and np.all(np.abs(rise / predicted - 1.0) < QUADRATIC_TOLERANCE))
+
+
+def profile_start(problem: Problem, u_hat: np.ndarray) -> np.ndarray:
+    """u_hat with every free r1, r2 below R_FLOOR moved up to R_FLOOR (the others unchanged). At r -> 0
+    the softmax coordinate runs to -inf and its gradient vanishes, so a profile started there could never
+    move that r off 0 to follow the ridge it spans with the others."""
+    from fitting.model import to_unconstrained
+
+    table = problem.natural(u_hat)
+    moved = False
+    for name, c in problem.layout.free:
+        if name in ("r1", "r2"):
+            rows = range(problem.layout.num_conditions) if c < 0 else [c]
+            for row in rows:
+                col = 0 if name == "r1" else 1
+                room = 1.0 - table[row, 0] - table[row, 1] - (R_FLOOR - table[row, col])
+                if table[row, col] < R_FLOOR and room > R_FLOOR:   # keep the kept fraction positive
+                    table[row, col] = R_FLOOR
+                    moved = True
+    return to_unconstrained(table, problem) if moved else np.asarray(u_hat, dtype=np.float64)
+
+
 # ------------------------------------------------------------------------------------------------ profile
 
 def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertainty, *,
@@ -228,6 +279,7 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
         # Least squares: profile F-type threshold on the scaled objective: delta f = sigma2_hat * 1.92.
         dof = problem.num_cells - p
         threshold = (2.0 * nll_hat / dof) * CHI2_HALF if dof > 0 else math.inf
+    start = profile_start(problem, u_hat)
     for i, (name, _) in enumerate(problem.layout.free):
         if p == 1:
             warnings.append("profile needs 2 or more free parameters; Laplace interval kept")
@@ -236,7 +288,7 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
         step = float(np.clip(0.75 * base.report_sd[i], 1e-3, 1.0)) if np.isfinite(base.report_sd[i]) else 0.5
         bounds, flat = [], False
         for direction in (-1.0, 1.0):
-            w = reduce_vector(u_hat, i)
+            w = reduce_vector(start, i)
             w_prev = w
             g_prev, d_prev = g_hat, 0.0
             bound = None

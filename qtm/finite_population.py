@@ -58,7 +58,7 @@ import jax.numpy as jnp
 
 from qtm.params import PARAM_NAMES, TraitParams
 from qtm.recursion import TraitState, step, trajectory
-from qtm.selection import finite_edges, selection_moments
+from qtm.selection import finite_edges, selection_moments, selection_window
 
 
 def clamp_expectations(r1, r2):
@@ -109,13 +109,11 @@ def _params_row(row, mutation_mode: str) -> TraitParams:
     return TraitParams(*[row[i] for i in range(len(PARAM_NAMES))], mutation_mode=mutation_mode)
 
 
-def residual_covariance(row, num_iterations: int, population, num_images, *, mutation_mode: str = "paper",
-                        variance: str = "genetic"):
-    """Sigma (2(K+1), 2(K+1)) of the residuals (xbar_0 - mu_0, s2_0 - V_0, xbar_1 - mu_1, ...) of one
-    condition (module docstring), its trajectory's (mean, V_obs) (K+1,) each.
-
-    row: natural parameters (7,) in PARAM_NAMES order (hard truncation: tail_rate is not used);
-    population, num_images: (K+1,) N_k and n_k (n_k >= 2 where the variance is used)."""
+def residual_sensitivities(row, num_iterations: int, population, num_images, *, mutation_mode: str = "paper",
+                           variance: str = "genetic"):
+    """The pieces of Sigma of one condition (module docstring): rows (K+1, 2, K+1, 5) = d e_t / d xi_j,
+    the per-iteration noise covariances q (K+1, 5, 5), the trajectory's mean and V_obs (K+1,) each, and
+    rho (K+1,). Arguments as `residual_covariance`."""
     params = _params_row(row, mutation_mode)
     traj = trajectory(params, num_iterations)
     moments = selection_moments(params.r1, params.r2, jnp.inf)
@@ -147,5 +145,153 @@ def residual_covariance(row, num_iterations: int, population, num_images, *, mut
         return sens, rows
 
     _, rows = jax.lax.scan(body, jnp.zeros((2, k1, 5)), jnp.arange(k1))   # (K+1, 2, K+1, 5)
+    return rows, q, traj.mean, var_obs, rho
+
+
+def residual_covariance(row, num_iterations: int, population, num_images, *, mutation_mode: str = "paper",
+                        variance: str = "genetic"):
+    """Sigma (2(K+1), 2(K+1)) of the residuals (xbar_0 - mu_0, s2_0 - V_0, xbar_1 - mu_1, ...) of one
+    condition (module docstring), its trajectory's (mean, V_obs) (K+1,) each.
+
+    row: natural parameters (7,) in PARAM_NAMES order (hard truncation: tail_rate is not used);
+    population, num_images: (K+1,) N_k and n_k (n_k >= 2 where the variance is used)."""
+    rows, q, mean, var_obs, _ = residual_sensitivities(row, num_iterations, population, num_images,
+                                                       mutation_mode=mutation_mode, variance=variance)
+    k1 = num_iterations + 1
     sigma = jnp.einsum("tajk,jkl,ubjl->taub", rows, q, rows).reshape(2 * k1, 2 * k1)
-    return sigma, traj.mean, var_obs
+    return sigma, mean, var_obs
+
+
+def shared_origin_covariance(table, num_iterations: int, population, num_images, *,
+                             mutation_mode: str = "paper", variance: str = "genetic"):
+    """Sigma of the residuals of ALL conditions that start from one D_0 (docs/model.md section 5), in the
+    order (iteration 0's mean and variance residual, once), then per condition c its iterations 1..K
+    (xbar - mu, s^2 - V_obs): a (2 + 2 C K) square matrix, with the trajectories' means and V_obs (C, K+1).
+
+    Every condition's iteration 0 is the same sample, so its noise xi_0 is shared: A (the sample mean of z),
+    D and E (the measured values) are the same numbers for all conditions, and B_c, C_c are means of the same
+    z clamped to each condition's window (`shared_origin_noise_covariance`). The noise of iterations >= 1 is
+    each condition's own. With e_{c,t} = sum_j R_{c,t,j} xi_{c,j} (`residual_sensitivities`),
+
+        Cov(e_{c,t}, e_{d,s}) = R_{c,t,0} Cov(xi_{c,0}, xi_{d,0}) R_{d,s,0}^T
+                                + [c = d] sum_{j >= 1} R_{c,t,j} Q_{c,j} R_{c,s,j}^T.
+
+    Iteration 0's residual e_0 = L_0 xi_0 involves only D and E; condition 0's row supplies its trajectory
+    (iteration 0's parameters are shared: mu0, sigma_g0 and sigma_env of one D_0).
+    table: (C, 7) natural parameters; population, num_images: (C, K+1)."""
+    num_c = table.shape[0]
+    k = num_iterations
+    rows, q, mean, var_obs, rho = jax.vmap(lambda row, big, small: residual_sensitivities(
+        row, k, big, small, mutation_mode=mutation_mode, variance=variance))(table, population, num_images)
+    # rows (C, K+1, 2, K+1, 5); q (C, K+1, 5, 5)
+    pair = jax.vmap(lambda c: jax.vmap(lambda d: shared_origin_noise_covariance(
+        table[c, 0], table[c, 1], table[d, 0], table[d, 1], rho[0, 0], population[0, 0],
+        num_images[0, 0]))(jnp.arange(num_c)))(jnp.arange(num_c))                     # (C, C, 5, 5)
+    first = rows[:, :, :, 0, :]                                                          # (C, K+1, 2, 5)
+    own = jnp.einsum("ctajk,cjkl,csbjl->ctasb", rows[:, :, :, 1:, :], q[:, 1:], rows[:, :, :, 1:, :])
+    shared = jnp.einsum("ctak,cdkl,dsbl->ctadsb", first, pair, first)                    # (C,K+1,2,C,K+1,2)
+    eye = jnp.eye(num_c)
+    full = shared + own[:, :, :, None, :, :] * eye[:, None, None, :, None, None]
+    later = full[:, 1:, :, :, 1:, :].reshape(num_c * 2 * k, num_c * 2 * k)
+    zero_zero = full[0, 0, :, 0, 0, :]                                                   # (2, 2)
+    zero_later = full[0, 0, :, :, 1:, :].reshape(2, num_c * 2 * k)
+    sigma = jnp.block([[zero_zero, zero_later], [zero_later.T, later]])
+    return sigma, mean, var_obs
+
+
+# ------------------------------------------------------------------------------ conditions sharing one D_0
+
+def _segment_moments(lo, hi, degree: int = 4):
+    """M_k(lo, hi) = int_lo^hi z^k phi(z) dz for k = 0..degree (module docstring's recursion), finite at
+    infinite ends (z^k phi(z) -> 0 there)."""
+    from jax.scipy.special import ndtr
+
+    def ends(t):
+        finite = jnp.isfinite(t)
+        safe = jnp.where(finite, t, 0.0)
+        return safe, jnp.where(finite, jnp.exp(-0.5 * safe * safe) / jnp.sqrt(2.0 * jnp.pi), 0.0)
+
+    lo_s, phi_lo = ends(lo)
+    hi_s, phi_hi = ends(hi)
+    m = [ndtr(hi) - ndtr(lo), phi_lo - phi_hi]
+    for k in range(2, degree + 1):
+        m.append((k - 1) * m[k - 2] + lo_s ** (k - 1) * phi_lo - hi_s ** (k - 1) * phi_hi)
+    return jnp.stack(m)
+
+
+def clamp_pair_expectations(r1_c, r2_c, shift_c, r1_d, r2_d, shift_d):
+    """E[(W_c - shift_c)^i (W_d - shift_d)^j] for i, j = 0..2 (array (3, 3)), where W_c = clamp(z, a_c, b_c)
+    and W_d = clamp(z, a_d, b_d) clamp the SAME z ~ N(0, 1) to two windows (two conditions selecting from
+    one D_0). On each segment between the sorted edges every clamp is a constant or z itself, so the
+    product is a polynomial of degree <= 4 in z, integrated with the partial moments M_k."""
+    a_c, b_c = selection_window(jnp.asarray(r1_c, jnp.float64), jnp.asarray(r2_c, jnp.float64))
+    a_d, b_d = selection_window(jnp.asarray(r1_d, jnp.float64), jnp.asarray(r2_d, jnp.float64))
+    edges = jnp.sort(jnp.stack([a_c, b_c, a_d, b_d]))
+    lows = jnp.concatenate([jnp.array([-jnp.inf]), edges])
+    highs = jnp.concatenate([edges, jnp.array([jnp.inf])])
+
+    def linear(t, a, b, shift):
+        # W - shift = alpha + beta z on the segment containing t
+        a_s = jnp.where(jnp.isfinite(a), a, 0.0)
+        b_s = jnp.where(jnp.isfinite(b), b, 0.0)
+        below, above = t < a, t > b
+        alpha = jnp.where(below, a_s, jnp.where(above, b_s, 0.0)) - shift
+        beta = jnp.where(below | above, 0.0, 1.0)
+        return jnp.stack([alpha, beta])
+
+    def powers(p):
+        one = jnp.array([1.0, 0.0, 0.0])
+        sq = jnp.convolve(p, p)
+        return [one, jnp.concatenate([p, jnp.zeros(1)]), sq]
+
+    def segment(lo, hi):
+        finite_lo, finite_hi = jnp.isfinite(lo), jnp.isfinite(hi)
+        lo_s, hi_s = jnp.where(finite_lo, lo, 0.0), jnp.where(finite_hi, hi, 0.0)
+        t = jnp.where(finite_lo & finite_hi, 0.5 * (lo_s + hi_s),
+                      jnp.where(finite_hi, hi_s - 1.0, jnp.where(finite_lo, lo_s + 1.0, 0.0)))
+        pc = powers(linear(t, a_c, b_c, shift_c))
+        pd = powers(linear(t, a_d, b_d, shift_d))
+        moments = _segment_moments(lo, jnp.maximum(hi, lo))
+        return jnp.stack([jnp.stack([jnp.sum(jnp.convolve(pc[i], pd[j]) * moments) for j in range(3)])
+                          for i in range(3)])
+
+    return jnp.sum(jax.vmap(segment)(lows, highs), axis=0)
+
+
+def shared_origin_noise_covariance(r1_c, r2_c, r1_d, r2_d, rho, population, num_images):
+    """Cov(xi_c, xi_d) (5, 5) of iteration 0's noise xi = (A, B, C, D, E) (module docstring) of two
+    conditions c, d that select from the same D_0 of `population` individuals, `num_images` of them
+    measured: A, D and E are the same numbers for both (one sample), B and C are means over the same z
+    clamped to two windows. Equals `noise_covariance` when the two windows are equal."""
+    m_c, _ = selection_moments(r1_c, r2_c, jnp.inf)
+    m_d, _ = selection_moments(r1_d, r2_d, jnp.inf)
+    z_c = 1.0 - r1_c - r2_c
+    z_d = 1.0 - r1_d - r2_d
+    e_cd = clamp_pair_expectations(r1_c, r2_c, 0.0, r1_d, r2_d, 0.0)         # E[W_c^i W_d^j]
+    p_cd = clamp_pair_expectations(r1_c, r2_c, m_c, r1_d, r2_d, m_d)         # E[(W_c-m_c)^i (W_d-m_d)^j]
+    w_cp = clamp_pair_expectations(r1_c, r2_c, 0.0, r1_d, r2_d, m_d)         # E[W_c^i (W_d-m_d)^j]
+    p_cw = clamp_pair_expectations(r1_c, r2_c, m_c, r1_d, r2_d, 0.0)         # E[(W_c-m_c)^i W_d^j]
+    e_c, _, _, _ = clamp_expectations(r1_c, r2_c)                             # E[W_c^k z^j]
+    e_d, _, _, _ = clamp_expectations(r1_d, r2_d)
+    big, small = 1.0 / population, 1.0 / num_images
+    sr = jnp.sqrt(rho)
+
+    def side(e, m, z):
+        # E[z W], E[z (W - m)^2], Cov(z^2, W), Cov(z^2, (W - m)^2) of one condition
+        ep = e[2, 0] - 2 * m * e[1, 0] + m * m
+        return (e[1, 1] / z, (e[2, 1] - 2 * m * e[1, 1]) / z, (e[1, 2] - e[1, 0]) / z,
+                (e[2, 2] - 2 * m * e[1, 2] + m * m - ep) / z)
+
+    zw_c, zp_c, z2w_c, z2p_c = side(e_c, m_c, z_c)
+    zw_d, zp_d, z2w_d, z2p_d = side(e_d, m_d, z_d)
+    bb = (e_cd[1, 1] - e_cd[1, 0] * e_cd[0, 1]) / (z_c * z_d)
+    bc = (w_cp[1, 2] - w_cp[1, 0] * w_cp[0, 2]) / (z_c * z_d)
+    cb = (p_cw[2, 1] - p_cw[2, 0] * p_cw[0, 1]) / (z_c * z_d)
+    cc = (p_cd[2, 2] - p_cd[2, 0] * p_cd[0, 2]) / (z_c * z_d)
+    zero = 0.0 * big
+    rows = [[big, zw_d * big, zp_d * big, sr * big, zero],
+            [zw_c * big, bb * big, bc * big, sr * zw_c * big, rho * z2w_c * big],
+            [zp_c * big, cb * big, cc * big, sr * zp_c * big, rho * z2p_c * big],
+            [sr * big, sr * zw_d * big, sr * zp_d * big, small, zero],
+            [zero, rho * z2w_d * big, rho * z2p_d * big, zero, 2.0 / (num_images - 1.0)]]
+    return jnp.stack([jnp.stack([jnp.asarray(x, jnp.float64) for x in row]) for row in rows])

@@ -255,3 +255,68 @@ def simulate_population(params: TraitParams, num_iterations: int, *, population:
         raise ValueError(f"ddof must be 0 (maximum likelihood) or 1 (unbiased); got {ddof!r}")
     return _simulate(params, key, num_iterations=num_iterations, population=population,
                      replicates=replicates, return_individuals=return_individuals, ddof=ddof, hard=hard)
+
+
+@functools.partial(jax.jit, static_argnames=("num_iterations", "population", "return_individuals", "ddof",
+                                             "hard"))
+def _simulate_shared_origin(params, key, *, num_iterations, population, return_individuals, ddof, hard):
+    shared_key, own_key = jax.random.split(key)
+    num_c = jnp.shape(params.r1)[0]
+    mu0 = jnp.asarray(params.mu0, jnp.float64) * jnp.ones(num_c)
+    vg0 = jnp.square(jnp.asarray(params.sigma_g0, jnp.float64)) * jnp.ones(num_c)
+    var_env = jnp.square(jnp.asarray(params.sigma_env, jnp.float64)) * jnp.ones(num_c)
+
+    def one_condition(p, m0, v0, cond_key):
+        # iteration 0 draws from the one shared key: the same D_0 for every condition; later ones its own
+        keys = jnp.concatenate([jax.random.fold_in(shared_key, 0)[None],
+                                jax.vmap(lambda t: jax.random.fold_in(cond_key, t))(
+                                    jnp.arange(1, num_iterations + 1))])
+
+        def body(state, key_t):
+            new_state, differential, individuals = _iteration(state[0], state[1], p, key_t, population, ddof,
+                                                              hard, return_individuals)
+            return new_state, (state, differential, individuals)
+
+        final, (states, differential, individuals) = jax.lax.scan(body, (m0, v0), keys[:num_iterations])
+        means = jnp.concatenate([states[0], final[0][None]])
+        var_genetic = jnp.concatenate([states[1], final[1][None]])
+        differential = jnp.concatenate([differential, jnp.full((1,), jnp.nan)])
+        if not return_individuals:
+            return means, var_genetic, differential, None, None
+        _, _, last = _iteration(final[0], final[1], p, keys[num_iterations], population, ddof, hard, True)
+        if num_iterations == 0:
+            return means, var_genetic, differential, last[0][None], last[1][None]
+        return (means, var_genetic, differential, jnp.concatenate([individuals[0], last[0][None]]),
+                jnp.concatenate([individuals[1], last[1][None]]))
+
+    leaves = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64) * jnp.ones(num_c), params)
+    means, var_genetic, differential, phen, gen = jax.vmap(one_condition)(
+        leaves, mu0, vg0, jax.random.split(own_key, num_c))
+    response = jnp.concatenate([jnp.diff(means, axis=1), jnp.full((num_c, 1), jnp.nan)], axis=1)
+    return PopulationTrajectory(means, var_genetic, var_genetic + var_env[:, None], phen, gen, differential,
+                                response)
+
+
+def simulate_shared_origin(params: TraitParams, num_iterations: int, *, population: int, key: jax.Array,
+                           return_individuals: bool = False, ddof: int = 0) -> PopulationTrajectory:
+    """Chains of several conditions that start from ONE original sample D_0, as the conditions of a real
+    chain do (docs/model.md section 5): `params` holds one value per condition in r1 and r2 (and any other
+    per-condition leaf, shape (C,)); mu0, sigma_g0 and sigma_env are those of the shared D_0. Iteration 0's
+    N individuals are drawn once (the same numbers for every condition) and each condition selects from them
+    with its own window; iterations >= 1 draw each condition's own individuals. The result has the shape of
+    `simulate_population`'s with the conditions in place of the replicates: (C, K+1) and (C, K+1, N)."""
+    require_x64()
+    num_c = int(jnp.shape(params.r1)[0]) if jnp.ndim(params.r1) else 0
+    if num_c < 1:
+        raise ValueError("simulate_shared_origin needs r1 (and r2) with one value per condition, shape (C,)")
+    for name in ("mu0", "sigma_g0", "sigma_env"):
+        if jnp.ndim(getattr(params, name)) != 0:
+            raise ValueError(f"{name} belongs to the shared D_0: give one value, not one per condition")
+    hard = bool(jnp.all(jnp.isinf(jnp.asarray(params.tail_rate))))
+    for c in range(num_c):
+        one = jax.tree_util.tree_map(lambda x: x[c] if jnp.ndim(x) else x, params)
+        _check_sizes(one, num_iterations, population, 1)
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (maximum likelihood) or 1 (unbiased); got {ddof!r}")
+    return _simulate_shared_origin(params, key, num_iterations=num_iterations, population=population,
+                                   return_individuals=return_individuals, ddof=ddof, hard=hard)

@@ -59,7 +59,7 @@ class StudyResult:
 
 def run_study(kind: str, *, truth: Truth = Truth(), num_seeds: int, num_images: int = 1000,
               num_iterations: int = 6, first_seed: int = 0, train_iterations: int | None = None,
-              num_starts: int = 2, interval: str = "laplace", progress=None) -> StudyResult:
+              num_starts: int = 2, interval: str = "auto", progress=None) -> StudyResult:
     """Simulate and fit `num_seeds` datasets (module docstring)."""
     import jax
 

@@ -3,18 +3,15 @@
 `independent_draws`: the n images of iteration k are independent Gaussian draws with the recursion's mean
 and V_G,k (the observation model of `fitting.observation_models.IndependentDraws`).
 
-`shared_origin_chains`: chains from qtm's finite-population Monte Carlo (`qtm.montecarlo`) in which every
-condition starts from ONE iteration-0 sample D_0, as a real chain does: iteration 0 and its selection are
-simulated once per condition with the same random key (the draws of iteration 0 depend on the key and the
-shared mu0, sigma_g0, sigma_env only, so every condition selects from the same D_0); each condition then
-continues from its realized state (mu_1, V_G,1) with its own key. All N images of every iteration are
-measured (their genetic values, docs/model.md section 6).
+`shared_origin_chains`: chains from qtm's finite-population Monte Carlo in which every condition starts
+from ONE iteration-0 sample D_0, as a real chain does (`qtm.montecarlo.simulate_shared_origin`: each
+condition selects from the same D_0 with its own window, then draws its own individuals). All N images of
+every iteration are measured (their genetic values, docs/model.md section 6).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -58,22 +55,14 @@ def independent_draws(truth: Truth, *, num_images: int, num_iterations: int, see
 def shared_origin_chains(truth: Truth, *, num_images: int, num_iterations: int, seed: int) -> np.ndarray:
     """(C, K+1, N) genetic values of chains that share D_0 (module docstring)."""
     import jax
+    import jax.numpy as jnp
 
-    from qtm.montecarlo import simulate_population
+    from qtm.montecarlo import simulate_shared_origin
 
-    root = jax.random.key(seed)
-    shared_key, *keys = jax.random.split(root, len(truth.conditions) + 1)
-    out = []
-    for key, (_, r1, r2) in zip(keys, truth.conditions):
-        params = truth.params(r1, r2)
-        first = simulate_population(params, 1, population=num_images, replicates=1, key=shared_key,
-                                    return_individuals=True)
-        x0 = np.asarray(first.genetic_values)[0, 0]
-        mu1, vg1 = float(first.mean[0, 1]), float(first.var_genetic[0, 1])
-        rest = simulate_population(dataclasses.replace(params, mu0=mu1, sigma_g0=math.sqrt(vg1)),
-                                   num_iterations - 1, population=num_images, replicates=1, key=key,
-                                   return_individuals=True)
-        out.append(np.concatenate([x0[None], np.asarray(rest.genetic_values)[0]]))
-    x = np.stack(out)
+    r1 = jnp.array([c[1] for c in truth.conditions])
+    r2 = jnp.array([c[2] for c in truth.conditions])
+    sim = simulate_shared_origin(truth.params(r1, r2), num_iterations, population=num_images,
+                                 key=jax.random.key(seed), return_individuals=True)
+    x = np.array(sim.genetic_values)
     assert np.all(x[:, 0] == x[0, 0]), "iteration 0 must be the same D_0 for every condition"
     return x

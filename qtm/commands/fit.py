@@ -110,7 +110,9 @@ def fit(
     population: Annotated[int | None, typer.Option(
         "--population", help="Images generated per iteration when only a subset was measured (with "
                              "--drift; default: all generated images were measured).")] = None,
-    interval: Annotated[str, typer.Option("--interval", help="laplace, profile or bootstrap.")] = "laplace",
+    interval: Annotated[str, typer.Option("--interval", help=(
+        "auto (default: Laplace where the curvature is well determined, else profile likelihood), "
+        "laplace, profile or bootstrap."))] = "auto",
     bootstrap_samples: Annotated[int, typer.Option(
         "--bootstrap-samples", help="Replicates for --interval bootstrap.")] = 200,
     starts: Annotated[int, typer.Option("--starts", help="Optimizer starts.")] = 8,

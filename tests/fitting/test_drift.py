@@ -7,9 +7,10 @@
 - the N -> infinity limit: the drift likelihood becomes independent normal cells (scipy.stats.norm), i.e.
   the default likelihood with its chi2(n - 1) variance terms replaced by their normal approximation;
 - the CLI flags --drift/--no-drift and --population, and their errors;
-- (slow) the coverage of the 95 % Laplace intervals on Monte Carlo chains of N = 1000 with every image
-  measured, with and without the drift model (measured: 0.431 without, 0.965 with, 60 seeds x 9 entries;
-  population 1e5 with 1000 measured and --population 100000: 0.933).
+- the chain objective (generalized least squares with the shared-D_0 covariance at a pilot) against numpy,
+  and the fit's end at a fixed point of its pilot;
+- (slow) the coverage of the default 95 % intervals on Monte Carlo chains of N = 1000 with every image
+  measured, with and without the drift model (the full study at the paper's scale is studies/verification).
 """
 
 import json
@@ -24,7 +25,7 @@ from typer.testing import CliRunner
 
 from tests.fitting.testdata import TRUTH_CONDITIONS, TRUTH_SHARED, montecarlo_phenotypes, recursion_phenotypes, results_dataset
 from qtm.finite_population import noise_covariance, residual_covariance
-from fitting.model import ModelError, ModelSpec, build_problem, cell_nll
+from fitting.model import ModelError, ModelSpec, build_problem
 from fitting.observations import from_phenotypes
 from qtm.params import PARAM_NAMES, TraitParams
 
@@ -111,9 +112,9 @@ def test_residual_covariance_matches_monte_carlo(r1, r2, measured, mode, varianc
 
 
 def test_large_population_gives_independent_normal_cells():
-    """N -> infinity: the drift NLL is the sum over cells of normal densities of the mean (V / n) and the
-    sample variance (2 V^2 / (n - 1)), i.e. the default NLL with the chi2 variance terms swapped for their
-    normal approximation (scipy reference). (That a finite N differs is the Monte Carlo test above.)"""
+    """N -> infinity: the drift objective at its own pilot is the sum over cells (iteration 0 once) of normal
+    densities of the mean (V / n) and of the sample variance (2 V^2 / (n - 1)) (scipy reference); the
+    cross-condition terms of the shared D_0 vanish with 1 / N."""
     x = recursion_phenotypes(TRUTH_CONDITIONS, TRUTH_SHARED, num_iterations=3, num_images=200, seed=3)
     obs = from_phenotypes(list(TRUTH_CONDITIONS), np.arange(4), x)
     default = build_problem(obs, ModelSpec())
@@ -126,13 +127,64 @@ def test_large_population_gives_independent_normal_cells():
         ci, it = np.asarray(d.condition_index), np.asarray(d.iteration)
         n, xbar, s2 = np.asarray(d.num_images), np.asarray(d.mean), np.asarray(d.var)
         mu, v = mean[0][ci, it], var[0][ci, it]
-        later = it >= 1
-        chi2_terms = np.asarray(cell_nll(mu, v, n, xbar, s2, xp=np))
-        normal_var = -scipy.stats.norm.logpdf(s2, v, v * np.sqrt(2 / (n - 1)))
-        chi2_var = chi2_terms + scipy.stats.norm.logpdf(xbar, mu, np.sqrt(v / n))
-        reference = default.nll(u) + np.sum((normal_var - chi2_var)[later])
-        assert limit.nll(u) == pytest.approx(reference, rel=1e-9)
+        reference = -np.sum(scipy.stats.norm.logpdf(xbar, mu, np.sqrt(v / n))
+                            + scipy.stats.norm.logpdf(s2, v, v * np.sqrt(2 / (n - 1))))
+        assert limit.with_pilot(u).nll(u) == pytest.approx(reference, rel=1e-9)
         assert abs(default.nll(u) - reference) > 1e-3   # the chi2 and normal variance terms do differ
+
+
+def test_gls_objective_against_numpy():
+    """The chain objective (fitting.drift.chain_gls_nll) against a direct numpy implementation on a small
+    problem (3 conditions, K = 3, N = 400): residuals from qtm's recursion, Sigma from
+    shared_origin_covariance at the pilot, 0.5 e^T Sigma^-1 e + 0.5 log det(2 pi Sigma) by numpy.linalg;
+    the covariance is held at the pilot (the value at other parameters moves only through e)."""
+    from qtm.finite_population import shared_origin_covariance
+    from qtm.recursion import trajectory
+
+    k, size = 3, 400
+    x = montecarlo_phenotypes(TRUTH_CONDITIONS, TRUTH_SHARED, num_iterations=k, num_images=size, population=size,
+                              seed=2)
+    obs = from_phenotypes(list(TRUTH_CONDITIONS), np.arange(k + 1), x)
+    problem = build_problem(obs, ModelSpec(drift=True))
+    rng = np.random.default_rng(1)
+    u_pilot = rng.normal(0.0, 0.2, problem.layout.size)
+    pilot = problem.natural(u_pilot)
+    grid = jnp.full((3, k + 1), float(size))
+    sigma, _, _ = shared_origin_covariance(jnp.asarray(pilot), k, grid, grid)
+    sigma = np.asarray(sigma)
+    fixed = problem.with_pilot(u_pilot)
+    for _ in range(3):
+        u = u_pilot + rng.normal(0.0, 0.1, u_pilot.size)
+        table = problem.natural(u)
+        resid = []
+        for c in range(3):
+            traj = trajectory(TraitParams(*table[c]), k)
+            m, v = np.asarray(traj.mean), np.asarray(traj.var_genetic)
+            if c == 0:
+                resid += [x[0, 0].mean() - m[0], x[0, 0].var(ddof=1) - v[0]]
+            resid += [val for j in range(1, k + 1) for val in (x[c, j].mean() - m[j], x[c, j].var(ddof=1) - v[j])]
+        e = np.array(resid)
+        _, logdet = np.linalg.slogdet(2 * np.pi * sigma)
+        reference = 0.5 * e @ np.linalg.solve(sigma, e) + 0.5 * logdet
+        assert fixed.nll(u) == pytest.approx(reference, rel=1e-9)
+
+
+def test_chain_fit_ends_at_a_fixed_point_of_its_pilot():
+    """The drift fit iterates generalized least squares with the covariance at the previous estimate: at the
+    end, re-optimizing with the covariance at the final estimate moves it by less than the tolerance (and
+    the objective's gradient there is ~0)."""
+    from fitting.driver import PILOT_TOLERANCE, FitConfig, fit_observations
+    from fitting.optimize import local_minimize
+
+    x = montecarlo_phenotypes(TRUTH_CONDITIONS, TRUTH_SHARED, num_iterations=3, num_images=400, population=400,
+                              seed=4)
+    obs = from_phenotypes(list(TRUTH_CONDITIONS), np.arange(4), x)
+    result = fit_observations(obs, FitConfig(spec=ModelSpec(drift=True), num_starts=2, num_draws=16,
+                                             interval="laplace"), key=jax.random.key(0))
+    u_hat = result.optimization.best.u
+    again = local_minimize(result.problem.with_pilot(u_hat), u_hat)
+    assert np.max(np.abs(again.u - u_hat)) < 5 * PILOT_TOLERANCE
+    assert abs(again.nll - result.problem.with_pilot(u_hat).nll(u_hat)) < 1e-2
 
 
 def test_too_few_selected_individuals_is_outside_the_domain():
@@ -146,11 +198,15 @@ def test_too_few_selected_individuals_is_outside_the_domain():
     from fitting.model import to_unconstrained
 
     u = to_unconstrained(table, drift)
-    value, grad = drift.value_and_grad(u)
+    value, grad = drift.with_pilot(u).value_and_grad(u)
     assert value == np.inf and np.all(np.isfinite(grad))
     assert np.isfinite(build_problem(obs, ModelSpec()).nll(u))
     table[0, IDX["r1"]] = 0.980   # 15 selected: inside
-    assert np.isfinite(drift.nll(to_unconstrained(table, drift)))
+    inside = to_unconstrained(table, drift)
+    assert np.isfinite(drift.with_pilot(inside).nll(inside))
+    # outside at the parameters with the pilot inside: +inf too, gradient finite
+    value, grad = drift.with_pilot(inside).value_and_grad(u)
+    assert value == np.inf and np.all(np.isfinite(grad))
 
 
 def test_spec_errors_name_the_field():

@@ -27,7 +27,36 @@ def obs():
 
 @pytest.fixture(scope="module")
 def laplace_fit(obs):
-    return fit_observations(obs, FitConfig(num_starts=2, num_draws=100), key=jax.random.key(0))
+    return fit_observations(obs, FitConfig(num_starts=2, num_draws=100, interval="laplace"), key=jax.random.key(0))
+
+
+def test_auto_interval_takes_the_profile_at_a_boundary_and_laplace_where_quadratic():
+    """`auto` (the default): a window with r2 = 0 puts the estimate on the boundary (r2 indistinguishable
+    from 0), where the Laplace intervals of the others are conditional on r2 = 0: the profile is used. With
+    20000 images per iteration and interior windows the objective is quadratic to within the tolerance:
+    Laplace is used and the intervals are Laplace's."""
+    from fitting.uncertainty import R_FLOOR, profile_start
+
+    boundary = {"a": (0.3, 0.0), "b": (0.1, 0.4)}
+    x = recursion_phenotypes(boundary, TRUTH_SHARED, num_iterations=4, num_images=500, seed=1)
+    result = fit_observations(from_phenotypes(list(boundary), np.arange(5), x), FitConfig(num_starts=2, num_draws=16),
+                              key=jax.random.key(0))
+    assert result.uncertainty.method == "profile"
+    assert result.lower[0, IDX["r2"]] == 0.0 and result.upper[0, IDX["r2"]] < 0.1
+    # the profile starts with that r moved off the boundary, everything else as estimated
+    start = profile_start(result.problem, result.optimization.best.u)
+    moved = result.problem.natural(start)
+    assert moved[0, IDX["r2"]] == pytest.approx(R_FLOOR) or result.estimate[0, IDX["r2"]] >= R_FLOOR
+    np.testing.assert_allclose(moved[:, [IDX["mu0"], IDX["sigma_g0"], IDX["sigma_env"]]],
+                               result.estimate[:, [IDX["mu0"], IDX["sigma_g0"], IDX["sigma_env"]]], rtol=1e-9)
+
+    x = recursion_phenotypes(CONDITIONS, TRUTH_SHARED, num_iterations=4, num_images=20000, seed=2)
+    big = from_phenotypes(list(CONDITIONS), np.arange(5), x)
+    auto = fit_observations(big, FitConfig(num_starts=2, num_draws=16), key=jax.random.key(0))
+    plain = fit_observations(big, FitConfig(num_starts=2, num_draws=16, interval="laplace"), key=jax.random.key(0))
+    assert auto.uncertainty.method == "laplace"
+    np.testing.assert_allclose(auto.lower, plain.lower, rtol=1e-9)
+    np.testing.assert_allclose(auto.upper, plain.upper, rtol=1e-9)
 
 
 def test_profile_interval_ends_where_the_likelihood_drops_by_1_92(obs, laplace_fit):

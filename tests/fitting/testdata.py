@@ -37,28 +37,24 @@ def summary_dataset(phenotypes: np.ndarray, conditions) -> xr.Dataset:
 
 def montecarlo_phenotypes(conditions: dict, shared: dict, *, num_iterations: int, num_images: int,
                           population: int, seed: int, observe: str = "genetic") -> np.ndarray:
-    """Per-image phenotypes (C, K+1, num_images) from qtm's finite-population Monte Carlo.
+    """Per-image phenotypes (C, K+1, num_images) of chains from qtm's finite-population Monte Carlo that
+    share one D_0, as the conditions of a real chain do (`qtm.montecarlo.simulate_shared_origin`).
 
-    Each condition is one replicate of `population` individuals; `num_images` of them are measured at
-    every iteration (the first ones: individuals are exchangeable). Observed values are the genetic values
-    (MODEL.md section 6, default mapping) or the phenotypes. Iteration 0 is condition 0's for all (D_0).
+    Each condition is a chain of `population` individuals; `num_images` of them are measured at every
+    iteration (the first ones: individuals are exchangeable). Observed values are the genetic values
+    (docs/model.md section 6, default mapping) or the phenotypes. Iteration 0 is the same sample for all.
     """
     import jax
+    import jax.numpy as jnp
 
-    from qtm.montecarlo import simulate_population
+    from qtm.montecarlo import simulate_shared_origin
     from qtm.params import TraitParams
 
-    out = []
-    keys = jax.random.split(jax.random.key(seed), len(conditions))
-    for key, (r1, r2) in zip(keys, conditions.values()):
-        params = TraitParams(r1=r1, r2=r2, **shared)
-        sim = simulate_population(params, num_iterations, population=population, replicates=1, key=key,
-                                  return_individuals=True)
-        values = sim.genetic_values if observe == "genetic" else sim.phenotypes
-        out.append(np.asarray(values)[0, :, :num_images])
-    x = np.stack(out)
-    x[:, 0] = x[0, 0]
-    return x
+    r1, r2 = (jnp.array([r[i] for r in conditions.values()]) for i in (0, 1))
+    sim = simulate_shared_origin(TraitParams(r1=r1, r2=r2, **shared), num_iterations, population=population,
+                                 key=jax.random.key(seed), return_individuals=True)
+    values = sim.genetic_values if observe == "genetic" else sim.phenotypes
+    return np.array(values)[:, :, :num_images]
 
 
 def recursion_phenotypes(conditions: dict, shared: dict, *, num_iterations: int, num_images: int,
