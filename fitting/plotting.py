@@ -1,4 +1,5 @@
-"""Figure of a fit: observed trajectories with fitted curves and bands, one panel per condition."""
+"""Figures of a fit: observed trajectories with fitted curves and bands, one panel per condition; and the
+QQ figure of the per-cell goodness of fit (observed against predicted quantiles)."""
 
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ def plot_fit_dataset(fit, path: str | Path) -> Path:
         ax.set_title(name)
         ax.set_xlabel("iteration")
         if c % cols == 0:
-            ax.set_ylabel("phenotype mean (hf_power)")
+            ax.set_ylabel(_phenotype_label(fit, "phenotype mean"))
     _clip_to_data(axes, mean, se, fit["fitted_mean"].values)
     for k in range(num, rows * cols):
         axes[k // cols][k % cols].axis("off")
     axes[0][0].legend(fontsize=7, loc="best")
-    drift = " with the chain's drift" if str(fit.attrs.get("drift", "")).lower() in ("1", "true") else ""
+    scale = fit.attrs.get("transform", "none")
+    drift = (f", {scale} scale" if scale != "none" else "") + (" with the chain's drift" if str(fit.attrs.get("drift", "")).lower() in ("1", "true") else "")
     fig.suptitle(f"{fit.attrs.get('model', '')} selection, mutation {fit.attrs.get('mutation', '')}{drift} "
                  f"({fit.attrs.get('interval', '')})")
     fig.tight_layout()
@@ -85,3 +87,54 @@ def _clip_to_data(axes, mean: np.ndarray, se: np.ndarray, fitted: np.ndarray) ->
     pad = 0.5 * (hi - lo) if hi > lo else max(abs(hi), 1e-12) * 0.1
     low, high = axes[0][0].get_ylim()
     axes[0][0].set_ylim(max(low, lo - pad), min(high, hi + pad))
+
+
+def _phenotype_label(fit, what: str) -> str:
+    scale = fit.attrs.get("transform", "none")
+    return f"{what} ({'hf_power' if scale == 'none' else f'{scale} hf_power'})"
+
+
+def plot_qq_dataset(fit, path: str | Path) -> Path:
+    """QQ figure of the per-cell goodness of fit (fitting.goodness): per condition, the observed quantiles of
+    every iteration's values (fit.nc `observed_quantile`) against the quantiles the fit predicts for that
+    cell, mu_k + sqrt(V_k) Phi^-1(p) (fitted_mean, fitted_var), one colour per iteration, on the fitted
+    scale; points on the diagonal = the cell is what the model says. Written atomically."""
+    from matplotlib import colormaps
+    from scipy.stats import norm
+
+    conditions = [str(c) for c in fit["condition"].values]
+    iterations = [int(k) for k in fit["iteration"].values]
+    num = len(conditions)
+    cols = min(num, 3)
+    rows = (num + cols - 1) // cols
+    fig = figure(figsize=(4.2 * cols, 3.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    z = norm.ppf(fit["quantile_level"].values)
+    observed = fit["observed_quantile"].values
+    mean, var = fit["fitted_mean"].values, fit["fitted_var"].values
+    p_shape = fit["gof_shape_pvalue"].values
+    cmap = colormaps["viridis"]
+    for c, name in enumerate(conditions):
+        ax = axes[c // cols][c % cols]
+        lo, hi = np.inf, -np.inf
+        for k in iterations:
+            q = observed[c, k]
+            if not np.all(np.isfinite(q)) or not (var[c, k] > 0):
+                continue
+            predicted = mean[c, k] + np.sqrt(var[c, k]) * z
+            p = p_shape[c, k]
+            label = f"{k}" + (f" (p {p:.2g})" if np.isfinite(p) else "")
+            ax.plot(predicted, q, "o", ms=2.5, color=cmap(k / max(len(iterations) - 1, 1)), label=label)
+            lo, hi = min(lo, predicted.min(), q.min()), max(hi, predicted.max(), q.max())
+        if np.isfinite(lo):
+            ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--")
+        ax.set_title(name)
+        ax.set_xlabel(_phenotype_label(fit, "predicted quantile"))
+        if c % cols == 0:
+            ax.set_ylabel(_phenotype_label(fit, "observed quantile"))
+        ax.legend(fontsize=6, title="iteration (shape p)", title_fontsize=6, loc="upper left")
+    for k in range(num, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle("Observed against predicted quantiles per cell (diagonal = the fitted normal law)")
+    fig.tight_layout()
+    return save_figure(fig, path)
