@@ -183,3 +183,16 @@ def test_run_in_progress_fits_the_finished_conditions(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and str(path) in result.stderr
     assert "only at iteration 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_compare_ranks_models_and_transforms(run_dir):
+    result = _invoke(run_dir, "--json", "--starts", "2", "--compare")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["diagnostics"]["model_comparison"]
+    assert len(rows) == 6 * 3
+    assert {(r["model"], r["mutation"], r["transform"]) for r in rows} == {
+        (m, u, t) for m in ("hard", "soft") for u in ("none", "paper", "additive") for t in ("none", "log", "logit")}
+    assert sum(r["weight"] for r in rows) == pytest.approx(1.0)
+    # normal draws on the measured scale: the measured scale wins (the log and logit scales skew them)
+    assert rows[0]["transform"] == "none"

@@ -36,12 +36,14 @@ def summary_dataset(phenotypes: np.ndarray, conditions) -> xr.Dataset:
 
 
 def montecarlo_phenotypes(conditions: dict, shared: dict, *, num_iterations: int, num_images: int,
-                          population: int, seed: int, observe: str = "genetic") -> np.ndarray:
+                          population: int, seed: int, observe: str = "genetic",
+                          extra: dict | None = None) -> np.ndarray:
     """Per-image phenotypes (C, K+1, num_images) from qtm's finite-population Monte Carlo.
 
     Each condition is one replicate of `population` individuals; `num_images` of them are measured at
     every iteration (the first ones: individuals are exchangeable). Observed values are the genetic values
     (MODEL.md section 6, default mapping) or the phenotypes. Iteration 0 is condition 0's for all (D_0).
+    `extra`: further TraitParams fields for every condition (e.g. a finite tail_rate: soft selection).
     """
     import jax
 
@@ -51,7 +53,7 @@ def montecarlo_phenotypes(conditions: dict, shared: dict, *, num_iterations: int
     out = []
     keys = jax.random.split(jax.random.key(seed), len(conditions))
     for key, (r1, r2) in zip(keys, conditions.values()):
-        params = TraitParams(r1=r1, r2=r2, **shared)
+        params = TraitParams(r1=r1, r2=r2, **shared, **(extra or {}))
         sim = simulate_population(params, num_iterations, population=population, replicates=1, key=key,
                                   return_individuals=True)
         values = sim.genetic_values if observe == "genetic" else sim.phenotypes
