@@ -237,8 +237,9 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
         if p == 1:
             warnings.append("profile needs 2 or more free parameters; Laplace interval kept")
             break
-        # the profile replaces the curvature's verdict on this entry's width
-        warnings = [w for w in warnings if not w.startswith(f"{labels[i]} is not identified: its 95 % interval")]
+        if indices is not None:
+            # the profile replaces the curvature's verdict on this entry's width
+            warnings = [w for w in warnings if not w.startswith(f"{labels[i]} is not identified: its 95 % interval")]
         g_hat = float(report_scale(name, base.estimate[i]))
         step = float(np.clip(0.75 * base.report_sd[i], 1e-3, 1.0)) if np.isfinite(base.report_sd[i]) else 0.5
         bounds, flat = [], False

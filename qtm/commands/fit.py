@@ -54,8 +54,9 @@ def _fixes(values: list[str] | None) -> tuple[tuple[str, float], ...]:
 def fit(
     path: Annotated[Path, typer.Argument(help="Run directory (results/NAME with metrics.nc) or a .nc file.")],
     model: Annotated[str, typer.Option(
-        "--model", help="Selection: hard (truncation) or soft (tail_rate estimated per condition with a "
-                        "profile interval, 'not identified' when unbounded; --fix tail_rate=V holds it).")]
+        "--model", help="Selection: hard (truncation) or soft (tail_rate estimated per condition; it, r1 and "
+                        "r2 get profile intervals, 'not identified' when unbounded; --fix tail_rate=V "
+                        "holds it).")]
     = "hard",
     transform: Annotated[str, typer.Option(
         "--transform", help="Fit the model to none (the phenotype), log or logit of the phenotype (logit "
