@@ -11,9 +11,11 @@ import numpy as np
 
 from fitting.errors import FitError, ModelError, ObservationError
 from fitting.forecast import Prediction, align, forecast_report, predict
-from fitting.model import ModelSpec, Problem, build_problem, to_unconstrained, zero_variance_cells
+from fitting.goodness import CellGoodness, aligned_phenotypes, cell_goodness_of_fit
+from fitting.model import ModelSpec, Problem, build_problem, image_nll_offset, to_unconstrained, zero_variance_cells
 from fitting.observations import Observations, cell_statistics
 from fitting.optimize import OptimizationResult, initial_table, local_minimize, minimize_multistart
+from fitting.transforms import TRANSFORMS, log_jacobian, transform_observations
 from fitting.uncertainty import Uncertainty, bootstrap, laplace, laplace_is_adequate, posterior_draws, profile
 from qtm.params import PARAM_NAMES, require_x64
 
@@ -31,6 +33,7 @@ class FitConfig:
     train_iterations: int | None = None
     num_bootstrap: int = 200
     num_draws: int = 1000
+    transform: str = "none"
 
     def validate(self) -> None:
         """Raise ModelError naming the inconsistent fields (in braces, qtmio.errors) and the fix."""
@@ -38,6 +41,9 @@ class FitConfig:
         if self.interval not in INTERVALS:
             raise ModelError(f"{{interval}} must be one of {', '.join(INTERVALS)}; got {self.interval!r}",
                              parameters=("interval",))
+        if self.transform not in TRANSFORMS:
+            raise ModelError(f"{{transform}} must be one of {', '.join(TRANSFORMS)}; got {self.transform!r}",
+                             parameters=("transform",))
         if self.num_starts < 1:
             raise ModelError(f"{{num_starts}} must be >= 1; got {self.num_starts}", parameters=("num_starts",))
         if self.num_bootstrap < 2:
@@ -57,6 +63,7 @@ class FitConfig:
             "train_iterations": -1 if self.train_iterations is None else self.train_iterations,
             "num_bootstrap": self.num_bootstrap, "num_draws": self.num_draws,
             "drift": int(spec.drift), "population": -1 if spec.population is None else spec.population,
+            "transform": self.transform,
         }
 
 
@@ -65,7 +72,7 @@ class FitResult:
     """A finished fit: estimates and intervals per condition and parameter, diagnostics, trajectories."""
 
     config: FitConfig
-    observations: Observations          # all observed iterations
+    observations: Observations          # all observed iterations, on the fitted scale (config.transform)
     train: Observations                 # those the fit used
     problem: Problem
     optimization: OptimizationResult
@@ -78,6 +85,7 @@ class FitResult:
     prediction: Prediction
     observed: dict[str, np.ndarray]     # aligned (C, K+1) n, mean, var
     goodness_of_fit: dict[str, dict[str, float]]
+    cells: CellGoodness                 # per-cell goodness of fit (fitting.goodness)
     forecast: dict[str, dict[str, float]] | None
     information: dict[str, float]
     warnings: tuple[str, ...]
@@ -112,11 +120,14 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     """
     require_x64()
     config.validate()
+    measured = obs
+    obs = transform_observations(obs, config.transform)
     if config.interval == "bootstrap" and obs.phenotypes is None:
         raise ObservationError(f"{obs.source}: {{interval}} bootstrap needs the per-image variable 'hf_power'; "
                                "this dataset holds only the summary trio (use laplace or profile)",
                                parameters=("interval",))
     train = obs if config.train_iterations is None else obs.restrict(config.train_iterations)
+    measured_train = measured if config.train_iterations is None else measured.restrict(config.train_iterations)
     # The trajectory always runs to the last observed iteration (the forecast horizon); a training subset
     # only removes cells from the objective.
     problem = build_problem(train, config.spec, num_iterations=obs.max_iteration)
@@ -132,14 +143,24 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     u_hat, nll_hat = optimization.best.u, optimization.best.nll
 
     unc = laplace(problem, u_hat, nll_hat)
-    if config.interval == "profile" or (config.interval == "auto" and not laplace_is_adequate(problem, u_hat,
-                                                                                                nll_hat, unc)):
+    profiled = config.interval == "profile" or (config.interval == "auto" and not laplace_is_adequate(
+        problem, u_hat, nll_hat, unc))
+    if profiled:
         tick = progress("profiling", problem.layout.size) if progress else None
         unc = profile(problem, u_hat, nll_hat, unc, progress=tick)
     elif config.interval == "bootstrap":
         tick = progress("bootstrapping", config.num_bootstrap) if progress else None
         unc = bootstrap(problem, train, u_hat, unc, num_samples=config.num_bootstrap, key=k_unc, progress=tick)
 
+    soft = {c for name, c in problem.layout.free if name == "tail_rate"}
+    window = [i for i, (name, c) in enumerate(problem.layout.free)
+              if name in ("r1", "r2", "tail_rate") and (c in soft or -1 in soft)]
+    if window and not profiled and problem.layout.size > 1:
+        # with the tail rate free, (r1, r2, tail_rate) act through (m_sel, v_sel) only: the likelihood is flat
+        # along a curve that ends where no window of that tail rate gives the moments, so the curvature at
+        # the optimum says nothing about these three and their profiles do (fitting.model.ModelSpec)
+        tick = progress("profiling the selection window", len(window)) if progress else None
+        unc = profile(problem, u_hat, nll_hat, unc, indices=window, progress=tick)
     draws = unc.samples if unc.samples is not None else posterior_draws(u_hat, unc.cov_u, config.num_draws,
                                                                          key=k_draw)
     k_full = obs.max_iteration
@@ -163,6 +184,8 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
 
     train_iterations = train.iterations
     gof = observation.goodness_of_fit(problem, u_hat, observed, prediction, train_iterations, obs.conditions)
+    cells = cell_goodness_of_fit(aligned_phenotypes(obs, k_full), observed, prediction.mean, prediction.var,
+                                 band_images, train_iterations, obs.conditions)
     forecast = None
     if config.train_iterations is not None:
         forecast = forecast_report(observed, prediction, config.train_iterations, obs.conditions)
@@ -181,10 +204,12 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     if len(optimization.starts) > 1 and optimization.agreeing_starts < 2:
         warnings.append("only one start reached the best objective: the optimum may be local "
                         "(try more starts)")
-    info = information_criteria(problem, nll_hat)
+    if cells.warning:
+        warnings.append(cells.warning)
+    info = information_criteria(problem, nll_hat, log_jacobian=log_jacobian(measured_train, config.transform))
     return FitResult(config=config, observations=obs, train=train, problem=problem, optimization=optimization,
                      uncertainty=unc, estimate=table, lower=lower, upper=upper, free=free, identified=identified,
-                     prediction=prediction, observed=observed, goodness_of_fit=gof, forecast=forecast,
+                     prediction=prediction, observed=observed, goodness_of_fit=gof, cells=cells, forecast=forecast,
                      information=info, warnings=tuple(dict.fromkeys(warnings)))
 
 
@@ -228,9 +253,13 @@ def optimize(problem: Problem, train: Observations, *, num_starts: int, key: jax
     return optimization, current
 
 
-def information_criteria(problem: Problem, nll_hat: float) -> dict[str, float]:
-    """AIC = 2p + 2 NLL and BIC = p ln n + 2 NLL (n = phenotype values); for least squares the Gaussian
-    forms m ln(SSE / m) + 2p and m ln(SSE / m) + p ln m over the m cell means."""
+def information_criteria(problem: Problem, nll_hat: float, *, log_jacobian: float = 0.0) -> dict[str, float]:
+    """AIC = 2p - 2 log L and BIC = p ln n - 2 log L (n = phenotype values), with log L the log-likelihood of
+    the individual measured values: the objective (a likelihood of the cell statistics) plus the
+    parameter-free density of the values given their statistics (`fitting.model.image_nll_offset`), plus
+    `log_jacobian` = sum log|T'(x)| when the model was fitted to y = T(x) (`fitting.transforms`), so that
+    fits on different scales compare on the same data (docs/model.md section 7). For least squares the
+    Gaussian forms m ln(SSE / m) + 2p and m ln(SSE / m) + p ln m over the m cell means."""
     p = problem.layout.size
     if problem.layout.objective == "least-squares":
         m = problem.num_cells
@@ -239,5 +268,8 @@ def information_criteria(problem: Problem, nll_hat: float) -> dict[str, float]:
         return {"objective": nll_hat, "num_free": p, "num_observations": m, "sse": sse,
                 "aic": base + 2 * p, "bic": base + p * math.log(m)}
     n = problem.num_observations
-    return {"objective": nll_hat, "log_likelihood": -nll_hat, "num_free": p, "num_observations": n,
-            "aic": 2 * p + 2 * nll_hat, "bic": p * math.log(n) + 2 * nll_hat}
+    data = problem.data
+    log_lik = -nll_hat - float(np.sum(image_nll_offset(np.asarray(data.num_images), np.asarray(data.var))))
+    log_lik += log_jacobian
+    return {"objective": nll_hat, "log_likelihood": log_lik, "log_jacobian": log_jacobian, "num_free": p,
+            "num_observations": n, "aic": 2 * p - 2 * log_lik, "bic": p * math.log(n) - 2 * log_lik}

@@ -74,12 +74,14 @@ class ModelSpec:
         variance: observed phenotype variance is V_G ("genetic", docs/model.md section 6) or V_P ("phenotype").
         objective: "likelihood" or "least-squares" (module docstring).
         free: names of the free parameters; None = r1, r2, mu0, sigma_g0, sigma_env, plus sigma_mut
-            (mutation paper/additive). tail_rate is not free by default even with soft selection: the
-            recursion depends on (r1, r2, tail_rate) only through the two selected moments (m_sel, v_sel),
-            so a free tail_rate leaves one flat direction per condition (the fit says so when asked to).
+            (mutation paper/additive) and tail_rate per condition (soft selection). The recursion depends on
+            (r1, r2, tail_rate) only through the two selected moments (m_sel, v_sel), so the data bound
+            tail_rate only where no window of another tail rate gives the same moments: its interval is
+            always a profile interval, and a flat side (e.g. hard truncation fitting as well, upper = inf)
+            makes it "not identified" (docs/model.md section 2).
         fixed: (name, value) pairs; a fixed name is not free. Unset non-free parameters take: mu0 and
             sigma_g0 from iteration 0's mean and sd (as the paper does), tail_rate = inf (hard) or 0.1
-            (soft), sigma_mut = 0, the others TraitParams' defaults.
+            (soft, when `free` leaves it out), sigma_mut = 0, the others TraitParams' defaults.
         shared: parameters with one value for all conditions; mu0 and sigma_g0 always are.
         drift: add the chain's own finite-population drift to the likelihood (`fitting.drift`: the
             realized trajectory wanders around the recursion, so the per-iteration statistics of one
@@ -103,6 +105,8 @@ class ModelSpec:
             names = ["r1", "r2", "mu0", "sigma_g0", "sigma_env"]
             if self.mutation != "none":
                 names.append("sigma_mut")
+            if self.selection == "soft":
+                names.append("tail_rate")
         else:
             names = list(self.free)
         fixed = {name for name, _ in self.fixed}
@@ -490,6 +494,30 @@ def cell_nll(mu, var, n, xbar, s2, xp=jnp):
     log_density = (xp.log(df_safe / var) + (0.5 * df_safe - 1.0) * xp.log(q) - 0.5 * q
                    - 0.5 * df_safe * xp.log(2.0) - lgamma(0.5 * df_safe))
     return nll_mean - xp.where(has_var, log_density, 0.0)
+
+
+def image_nll_offset(n, s2):
+    """-log of the density of a cell's individual values given its (xbar, s^2), per cell (numpy).
+
+    For n iid normal values the sufficient statistics (xbar, s^2) leave a conditional density of the values
+    that is free of the parameters, so the negative log-likelihood of the individual values is
+    `cell_nll` + this offset (module docstring), and the same holds for any law of (xbar, s^2) (the drift
+    model) given normal values within the cell:
+
+        (df/2) log(2 pi) + (1/2) log n + log df + (df/2 - 1) log(df s^2) - (df/2) log 2 - log Gamma(df/2),
+
+    df = n - 1. Cells with n = 1 or s^2 = 0 (scored by their mean alone, `cell_nll`) get 0. The offset
+    depends on the data's scale (s^2), so it matters when fits on different scales are compared
+    (`fitting.transforms`)."""
+    n = np.asarray(n, dtype=np.float64)
+    s2 = np.asarray(s2, dtype=np.float64)
+    df = n - 1.0
+    ok = (df > 0) & (s2 > 0)
+    d = np.where(ok, df, 2.0)
+    v = np.where(ok, s2, 1.0)
+    out = (0.5 * d * np.log(2.0 * np.pi) + 0.5 * np.log(np.where(ok, n, 1.0)) + np.log(d)
+           + (0.5 * d - 1.0) * np.log(d * v) - 0.5 * d * np.log(2.0) - scipy.special.gammaln(0.5 * d))
+    return np.where(ok, out, 0.0)
 
 
 BATCH = 8

@@ -1,4 +1,5 @@
-"""Figure of a fit: observed trajectories with fitted curves and bands, one panel per condition."""
+"""Figures of a fit: observed trajectories with fitted curves and bands, one panel per condition; and the
+QQ figure of the per-cell goodness of fit (observed against predicted quantiles)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,14 @@ def plot_fit(result: FitResult, path: str | Path) -> Path:
     return plot_fit_dataset(to_dataset(result), path)
 
 
-SUPPORT = (0.0, 1.0)
-"""The phenotype's support: hf_power is a share of spectral energy (docs/phenotype.md); bands are kept in it."""
+SUPPORTS = {"none": (0.0, 1.0), "log": (-np.inf, 0.0), "logit": (-np.inf, np.inf)}
+"""The phenotype's support on each fitted scale (fitting.transforms): hf_power is a share of spectral energy
+in [0, 1] (docs/phenotype.md); bands are kept in it."""
+
+
+def support(fit) -> tuple[float, float]:
+    """The support of the phenotype on the scale `fit` was fitted on (its `transform` attribute)."""
+    return SUPPORTS.get(str(fit.attrs.get("transform", "none")), (-np.inf, np.inf))
 
 SELECTION_WORDS = {"hard": "hard truncation selection", "soft": "soft selection"}
 MUTATION_WORDS = {"none": "no mutation", "paper": "mutation (paper's law)", "additive": "additive mutation"}
@@ -55,7 +62,7 @@ def plot_fit_dataset(fit, path: str | Path) -> Path:
         se = fit["observed_sd"].values / np.sqrt(fit["observed_num_images"].values)
     train = fit["train"].values.astype(bool)
     last_train = int(it[train].max()) if train.any() else None
-    low, high = SUPPORT
+    low, high = support(fit)
     for c, name in enumerate(conditions):
         ax = axes[c // cols][c % cols]
         ax.fill_between(it, np.clip(fit["predict_lower"].values[c], low, high),
@@ -79,8 +86,8 @@ def plot_fit_dataset(fit, path: str | Path) -> Path:
         iteration_axis(ax, it)
         ax.grid(alpha=0.3)
         if c % cols == 0:
-            ax.set_ylabel("high-frequency power\n(mean over the images)")
-    _clip_to_data(axes, mean, se, fit["fitted_mean"].values)
+            ax.set_ylabel(_phenotype_label(fit, "mean over the images"))
+    _clip_to_data(axes, mean, se, fit["fitted_mean"].values, support(fit))
     for c, name in enumerate(conditions):
         missing = not_identified(fit, name)
         if missing:
@@ -116,11 +123,14 @@ def _title(fit) -> str:
              MUTATION_WORDS.get(str(attrs.get("mutation", "")), f"mutation {attrs.get('mutation', '')}")]
     if str(attrs.get("drift", "")).lower() in ("1", "true"):
         parts.append("with the chain's own drift")
+    if str(attrs.get("transform", "none")) != "none":
+        parts.append(f"fitted on the {attrs['transform']} scale")
     interval = f" (intervals: {attrs['interval']})" if attrs.get("interval") else ""
     return "Fitted quantitative-trait model against the observed phenotype\n" + ", ".join(parts) + interval
 
 
-def _clip_to_data(axes, mean: np.ndarray, se: np.ndarray, fitted: np.ndarray) -> None:
+def _clip_to_data(axes, mean: np.ndarray, se: np.ndarray, fitted: np.ndarray,
+                  support: tuple[float, float]) -> None:
     """Keep the observations and fitted curves readable when a band of an unidentified fit explodes:
     the y-range is the data's (means +- 1.96 se, fitted means) widened by half its span, inside the
     phenotype's support."""
@@ -132,4 +142,55 @@ def _clip_to_data(axes, mean: np.ndarray, se: np.ndarray, fitted: np.ndarray) ->
     lo, hi = float(values.min()), float(values.max())
     pad = 0.5 * (hi - lo) if hi > lo else max(abs(hi), 1e-12) * 0.1
     low, high = axes[0][0].get_ylim()
-    axes[0][0].set_ylim(max(low, lo - pad, SUPPORT[0] - 0.02 * pad), min(high, hi + pad, SUPPORT[1] + 0.02 * pad))
+    axes[0][0].set_ylim(max(low, lo - pad, support[0] - 0.02 * pad), min(high, hi + pad, support[1] + 0.02 * pad))
+
+
+def _phenotype_label(fit, what: str) -> str:
+    scale = fit.attrs.get("transform", "none")
+    return ("high-frequency power" if scale == "none" else f"{scale} of high-frequency power") + f"\n({what})"
+
+
+def plot_qq_dataset(fit, path: str | Path) -> Path:
+    """QQ figure of the per-cell goodness of fit (fitting.goodness): per condition, the observed quantiles of
+    every iteration's values (fit.nc `observed_quantile`) against the quantiles the fit predicts for that
+    cell, mu_k + sqrt(V_k) Phi^-1(p) (fitted_mean, fitted_var), one colour per iteration, on the fitted
+    scale; points on the diagonal = the cell is what the model says. Written atomically."""
+    from matplotlib import colormaps
+    from scipy.stats import norm
+
+    conditions = [str(c) for c in fit["condition"].values]
+    iterations = [int(k) for k in fit["iteration"].values]
+    num = len(conditions)
+    cols = min(num, 3)
+    rows = (num + cols - 1) // cols
+    fig = figure(figsize=(4.2 * cols, 3.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    z = norm.ppf(fit["quantile_level"].values)
+    observed = fit["observed_quantile"].values
+    mean, var = fit["fitted_mean"].values, fit["fitted_var"].values
+    p_shape = fit["gof_shape_pvalue"].values
+    cmap = colormaps["viridis"]
+    for c, name in enumerate(conditions):
+        ax = axes[c // cols][c % cols]
+        lo, hi = np.inf, -np.inf
+        for k in iterations:
+            q = observed[c, k]
+            if not np.all(np.isfinite(q)) or not (var[c, k] > 0):
+                continue
+            predicted = mean[c, k] + np.sqrt(var[c, k]) * z
+            p = p_shape[c, k]
+            label = f"{k}" + (f" (p {p:.2g})" if np.isfinite(p) else "")
+            ax.plot(predicted, q, "o", ms=2.5, color=cmap(k / max(len(iterations) - 1, 1)), label=label)
+            lo, hi = min(lo, predicted.min(), q.min()), max(hi, predicted.max(), q.max())
+        if np.isfinite(lo):
+            ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--")
+        ax.set_title(name)
+        ax.set_xlabel(_phenotype_label(fit, "predicted quantile"))
+        if c % cols == 0:
+            ax.set_ylabel(_phenotype_label(fit, "observed quantile"))
+        ax.legend(fontsize=6, title="iteration (shape p)", title_fontsize=6, loc="upper left")
+    for k in range(num, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle("Observed against predicted quantiles per cell (diagonal = the fitted normal law)")
+    fig.tight_layout()
+    return save_figure(fig, path)

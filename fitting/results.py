@@ -9,7 +9,14 @@ fit.nc (one xarray Dataset, dims `condition`, `iteration`, `parameter`, `free_pa
 - observed_num_images, observed_mean, observed_sd (condition, iteration) and `train` (iteration).
 - fitted_mean, fitted_var, mean_lower, mean_upper (parameter-uncertainty band), predict_lower,
   predict_upper (band for the mean of n new images), var_lower, var_upper (condition, iteration).
+- cell goodness of fit (condition, iteration; fitting.goodness): gof_shape_statistic, gof_shape_pvalue
+  (Anderson-Darling test of normality of the cell's values, mean and sd estimated), gof_mean_z,
+  gof_mean_pvalue (standardized residual of the cell mean), gof_counted (cells the fit used, iteration 0
+  once); observed_quantile (condition, iteration, quantile_level) for the QQ figure.
 - start_objective, start_status (start): the multi-start record.
+- Everything phenotype-valued (observed and fitted means, sds, bands, quantiles, mu0, the sigmas) is on the
+  fitted scale, attr `transform` (none, log, logit; docs/model.md section 7); r1, r2 mean the same on
+  every scale.
 - attrs: fit_schema_version, provenance (qtmio.provenance: created_at, git revision, package versions, seed,
   command; the source and the configuration), information criteria, warnings (JSON), goodness of fit,
   forecast and model comparison (JSON strings).
@@ -26,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fitting.goodness import quantile_levels
 from qtm.params import PARAM_NAMES
 from qtmio.contract import FIT_SCHEMA_VERSION
 from qtmio.netcdf import write_netcdf
@@ -54,6 +62,7 @@ def to_json(result: FitResult, *, comparison: list[dict] | None = None) -> dict[
         "mutation": result.config.spec.mutation,
         "objective": result.config.spec.objective,
         "variance": result.config.spec.variance,
+        "transform": result.config.transform,
         "drift": result.config.spec.drift,
         "population": result.config.spec.population,
         "interval": unc.method,
@@ -61,6 +70,7 @@ def to_json(result: FitResult, *, comparison: list[dict] | None = None) -> dict[
         "not_identified": [labels[i] for i in np.flatnonzero(~unc.identified)],
         "information": result.information,
         "goodness_of_fit": result.goodness_of_fit,
+        "cell_goodness_of_fit": cell_table(result),
         "starts": [{"objective": s.nll, "status": s.status, "iterations": s.num_iterations}
                    for s in result.optimization.starts],
         "correlation": {"labels": list(labels), "matrix": np.round(unc.correlation, 6).tolist()},
@@ -71,6 +81,16 @@ def to_json(result: FitResult, *, comparison: list[dict] | None = None) -> dict[
     if comparison is not None:
         diagnostics["model_comparison"] = comparison
     return {"conditions": table["conditions"], "shared": table["shared"], "diagnostics": diagnostics}
+
+
+def cell_table(result: FitResult) -> dict[str, Any]:
+    """The per-cell goodness of fit for JSON: the summary counts and, per condition, lists over iterations
+    0..K of the shape p-value and the mean residual z (null where not tested)."""
+    cells = result.cells
+    per = {name: {"shape_pvalue": [_finite_or_none(v) for v in cells.shape_pvalue[c]],
+                  "mean_z": [_finite_or_none(v) for v in cells.mean_z[c]]}
+           for c, name in enumerate(result.conditions)}
+    return {"summary": cells.summary, "conditions": per}
 
 
 def to_dataset(result: FitResult, *, seed: int | None = None, comparison: list[dict] | None = None,
@@ -86,6 +106,7 @@ def to_dataset(result: FitResult, *, seed: int | None = None, comparison: list[d
     cp = ("condition", "parameter")
     ci = ("condition", "iteration")
     pred = result.prediction
+    cells = result.cells
     train = np.isin(iterations, result.train.iterations)
     with np.errstate(invalid="ignore"):
         observed_sd = np.sqrt(obs["var"])
@@ -115,6 +136,17 @@ def to_dataset(result: FitResult, *, seed: int | None = None, comparison: list[d
             "predict_upper": (ci, pred.predict_upper),
             "var_lower": (ci, pred.var_lower),
             "var_upper": (ci, pred.var_upper),
+            "gof_shape_statistic": (ci, cells.shape_statistic, {
+                "long_name": "Anderson-Darling A^2 of the cell's values against a normal law with their own mean "
+                             "and sd"}),
+            "gof_shape_pvalue": (ci, cells.shape_pvalue, {"long_name": "p-value of gof_shape_statistic "
+                                                                       "(D'Agostino-Stephens, n >= 8)"}),
+            "gof_mean_z": (ci, cells.mean_z, {"long_name": "(observed mean - fitted mean) / sd of an observed "
+                                                           "mean"}),
+            "gof_mean_pvalue": (ci, cells.mean_pvalue, {"long_name": "two-sided normal p-value of gof_mean_z"}),
+            "gof_counted": (ci, cells.counted, {"long_name": "cell used by the fit (iteration 0 once)"}),
+            "observed_quantile": (ci + ("quantile_level",), cells.quantiles,
+                                  {"long_name": "empirical quantiles of the cell's values (fitted scale)"}),
             "start_objective": (("start",), np.array([s.nll for s in result.optimization.starts])),
             "start_status": (("start",), np.array([s.status for s in result.optimization.starts], dtype=object)),
         },
@@ -125,6 +157,7 @@ def to_dataset(result: FitResult, *, seed: int | None = None, comparison: list[d
             "free_parameter": labels,
             "free_parameter_b": labels,
             "start": np.arange(len(result.optimization.starts)),
+            "quantile_level": quantile_levels(),
         },
     )
     attrs: dict[str, Any] = {"fit_schema_version": FIT_SCHEMA_VERSION, "source": result.observations.source,
@@ -136,6 +169,7 @@ def to_dataset(result: FitResult, *, seed: int | None = None, comparison: list[d
         attrs[f"information_{key}"] = float(value)
     attrs["warnings"] = json.dumps(list(result.warnings))
     attrs["goodness_of_fit"] = json.dumps(result.goodness_of_fit)
+    attrs["cell_goodness_of_fit"] = json.dumps(cells.summary)
     if result.forecast is not None:
         attrs["forecast"] = json.dumps(result.forecast)
     if comparison is not None:
@@ -165,8 +199,9 @@ def render_tables(result: FitResult, console, *, comparison: list[dict] | None =
     from rich.table import Table
 
     spec = result.config.spec
+    scale = "" if result.config.transform == "none" else f", {result.config.transform} scale"
     title = (f"qtm fit: {spec.selection} selection, mutation {spec.mutation}, {spec.objective}"
-             f"{' with drift' if spec.drift else ''}, {result.uncertainty.method} 95 % intervals")
+             f"{' with drift' if spec.drift else ''}{scale}, {result.uncertainty.method} 95 % intervals")
     table = Table(title=title)
     for col in ("parameter", "condition", "estimate", "95 % interval", ""):
         table.add_column(col, justify="right" if col in ("estimate",) else "left")
@@ -189,6 +224,7 @@ def render_tables(result: FitResult, console, *, comparison: list[dict] | None =
         gof.add_row(escape(name), str(row["num_iterations"]), _fmt(row["mean_chi2"]), _fmt(row["mean_chi2_pvalue"]),
                     _fmt(row["max_abs_z"]), _fmt(row["variance_deviance"]), _fmt(row["variance_deviance_pvalue"]))
     console.print(gof)
+    console.print(_cell_rich_table(result, Table, escape))
     labels = result.problem.layout.labels(result.conditions)
     corr = result.uncertainty.correlation
     strong = [f"{labels[i]} ~ {labels[j]} {corr[i, j]:+.2f}" for i in range(len(labels))
@@ -218,15 +254,43 @@ def render_tables(result: FitResult, console, *, comparison: list[dict] | None =
         console.print(fc)
 
     if comparison is not None:
-        cmp_table = Table(title="model comparison (lower is better)")
-        for col in ("model", "mutation", "free", "AIC", "dAIC", "BIC", "dBIC", "status"):
+        cmp_table = Table(title="model comparison on the measured scale (lower is better)")
+        for col in ("model", "mutation", "transform", "free", "AIC", "dAIC", "weight", "BIC", "dBIC", "status"):
             cmp_table.add_column(col)
         for row in comparison:
-            cmp_table.add_row(row["model"], row["mutation"], str(row["num_free"]), _fmt(row["aic"]),
-                              _fmt(row["delta_aic"]), _fmt(row["bic"]), _fmt(row["delta_bic"]), row["status"])
+            cmp_table.add_row(row["model"], row["mutation"], row.get("transform", "none"),
+                              "" if row["num_free"] is None else str(row["num_free"]), _fmt(row["aic"]),
+                              _fmt(row["delta_aic"]), f"{row['weight']:.3f}", _fmt(row["bic"]),
+                              _fmt(row["delta_bic"]), row["status"])
         console.print(cmp_table)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+
+
+def _cell_rich_table(result: FitResult, Table, escape):
+    """Per condition and iteration: the shape test's p-value / the mean residual z (fitting.goodness)."""
+    cells = result.cells
+    iterations = result.prediction.iterations.tolist()
+    summary = cells.summary
+    title = ("goodness of fit per cell: Anderson-Darling p (normal shape) / z of the mean; "
+             f"{summary['shape']['num_failing']} of {summary['shape']['num_cells']} shape tests and "
+             f"{summary['mean']['num_failing']} of {summary['mean']['num_cells']} means at p < 0.01")
+    table = Table(title=title)
+    table.add_column("condition")
+    for k in iterations:
+        table.add_column(str(k), justify="right")
+    for c, name in enumerate(result.conditions):
+        entries = []
+        for k in iterations:
+            p, z = cells.shape_pvalue[c, k], cells.mean_z[c, k]
+            if not np.isfinite(z):
+                entries.append("")
+                continue
+            text = f"{'-' if not np.isfinite(p) else f'{p:.2g}'} / {z:+.1f}"
+            failed = (np.isfinite(p) and p < 0.01) or cells.mean_pvalue[c, k] < 0.01
+            entries.append(f"[red]{text}[/red]" if failed else text)
+        table.add_row(escape(name), *entries)
+    return table
 
 
 def markdown_table(fit, name: str = "fit.nc") -> str:
@@ -244,7 +308,36 @@ def markdown_table(fit, name: str = "fit.nc") -> str:
             ident = "yes" if bool(fit["identified"].sel(condition=c, parameter=p)) else "**no**"
             lines.append(f"| {c} | {p} | " + " | ".join(f"{x:.4g}" if np.isfinite(x) else str(x) for x in v)
                          + f" | {ident} |")
+    transform = fit.attrs.get("transform", "none")
+    if transform != "none":
+        lines += ["", f"Fitted on the {transform} scale of the phenotype: mu0 and the standard deviations are "
+                      "on that scale; r1, r2 are fractions of the distribution on every scale (docs/model.md "
+                      "section 7)."]
+    if "gof_shape_pvalue" in fit:
+        lines += ["", markdown_cells(fit)]
     warnings = json.loads(fit.attrs.get("warnings", "[]"))
     if warnings:
         lines += ["", "Warnings of the fit:", ""] + [f"- {w}" for w in warnings]
     return "\n".join(lines) + "\n"
+
+
+def markdown_cells(fit) -> str:
+    """The per-cell goodness of fit of a fit dataset as a markdown table: per condition and iteration the
+    Anderson-Darling p-value of the normal shape and the z of the cell mean (fitting.goodness)."""
+    iterations = [int(k) for k in fit["iteration"].values]
+    lines = ["Goodness of fit per cell (fitting scale): Anderson-Darling p-value of the normal shape / "
+             "standardized residual z of the mean; **bold** = p < 0.01.", "",
+             "| condition | " + " | ".join(str(k) for k in iterations) + " |",
+             "|---|" + "---:|" * len(iterations)]
+    p_shape, z, p_mean = (fit[v].values for v in ("gof_shape_pvalue", "gof_mean_z", "gof_mean_pvalue"))
+    for c, name in enumerate(fit["condition"].values):
+        entries = []
+        for k in range(len(iterations)):
+            if not np.isfinite(z[c, k]):
+                entries.append("")
+                continue
+            text = f"{'-' if not np.isfinite(p_shape[c, k]) else f'{p_shape[c, k]:.2g}'} / {z[c, k]:+.1f}"
+            bad = (np.isfinite(p_shape[c, k]) and p_shape[c, k] < 0.01) or p_mean[c, k] < 0.01
+            entries.append(f"**{text}**" if bad else text)
+        lines.append(f"| {name} | " + " | ".join(entries) + " |")
+    return "\n".join(lines)

@@ -267,8 +267,11 @@ def profile_start(problem: Problem, u_hat: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ profile
 
 def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertainty, *,
-            max_steps: int = 12, progress=None) -> Uncertainty:
-    """Profile-likelihood intervals (module docstring); Laplace quantities are kept for the rest."""
+            max_steps: int = 12, progress=None, indices=None) -> Uncertainty:
+    """Profile-likelihood intervals (module docstring); Laplace quantities are kept for the rest.
+
+    indices: the free entries to profile (default all; the others keep `base`'s intervals). A tail_rate
+    whose profile stays flat upwards gets the upper end inf (hard truncation fits as well)."""
     labels = problem.layout.labels(problem.conditions)
     p = len(labels)
     lower, upper = base.lower.copy(), base.upper.copy()
@@ -281,9 +284,14 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
         threshold = (2.0 * nll_hat / dof) * CHI2_HALF if dof > 0 else math.inf
     start = profile_start(problem, u_hat)
     for i, (name, _) in enumerate(problem.layout.free):
+        if indices is not None and i not in indices:
+            continue
         if p == 1:
             warnings.append("profile needs 2 or more free parameters; Laplace interval kept")
             break
+        if indices is not None:
+            # the profile replaces the curvature's verdict on this entry's width
+            warnings = [w for w in warnings if not w.startswith(f"{labels[i]} is not identified: its 95 % interval")]
         g_hat = float(report_scale(name, base.estimate[i]))
         step = float(np.clip(0.75 * base.report_sd[i], 1e-3, 1.0)) if np.isfinite(base.report_sd[i]) else 0.5
         bounds, flat = [], False
@@ -311,6 +319,8 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
                 flat = True
                 # A flat fall towards the bound runs to it (r -> 0, sd -> 0); otherwise the search limit.
                 bound = -math.inf if (direction < 0 and name != "mu0") else g_prev
+                if direction > 0 and name == "tail_rate":
+                    bound = math.inf
             bounds.append(bound)
         lower[i] = float(from_report_scale(name, bounds[0]))
         upper[i] = float(from_report_scale(name, bounds[1]))
@@ -318,10 +328,12 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
             identified[i] = False
             warnings.append(f"{labels[i]} is not identified: flat profile (the log-likelihood changes by less "
                             f"than 1.92 out to [{lower[i]:.3g}, {upper[i]:.3g}])")
+        elif indices is not None:
+            identified[i] = True   # bounded on both sides: its profile, not the curvature, decides
         if progress is not None:
             progress()
-    return dataclasses.replace(base, method="profile", lower=lower, upper=upper, identified=identified,
-                               warnings=tuple(dict.fromkeys(warnings)))
+    return dataclasses.replace(base, method="profile" if indices is None else base.method, lower=lower,
+                               upper=upper, identified=identified, warnings=tuple(dict.fromkeys(warnings)))
 
 
 def _refine_crossing(problem, index, nll_hat, threshold, inside, outside, w, steps: int = 6) -> float:

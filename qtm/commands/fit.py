@@ -22,7 +22,7 @@ FLAGS = {
     "selection": "--model", "mutation": "--mutation", "variance": "--variance", "objective": "--objective",
     "free": "--free", "shared": "--share", "fixed": "--fix", "drift": "--drift", "population": "--population",
     "interval": "--interval", "num_starts": "--starts", "num_bootstrap": "--bootstrap-samples",
-    "train_iterations": "--train-iterations",
+    "train_iterations": "--train-iterations", "transform": "--transform",
 }
 """ModelSpec and FitConfig fields -> this command's flags."""
 
@@ -86,7 +86,15 @@ def default_out(path: Path) -> tuple[Path | None, bool]:
 def fit(
     path: Annotated[Path, typer.Argument(help="Run directory (results/NAME with metrics.nc) or a .nc file.")],
     model: Annotated[str, typer.Option(
-        "--model", help="Selection: hard (truncation) or soft (tail_rate 0.1 unless --free names it).")] = "hard",
+        "--model", help="Selection: hard (truncation) or soft (tail_rate estimated per condition; it, r1 and "
+                        "r2 get profile intervals, 'not identified' when unbounded; --fix tail_rate=V "
+                        "holds it).")]
+    = "hard",
+    transform: Annotated[str, typer.Option(
+        "--transform", help="Fit the model to none (the phenotype), log or logit of the phenotype (logit "
+                            "needs values in (0, 1), log values > 0; per-image data only). r1, r2 mean the "
+                            "same on every scale; mu0 and the sigmas are on the transformed scale. AIC "
+                            "includes the Jacobian, so it compares transforms (--compare fits all).")] = "none",
     mutation: Annotated[str, typer.Option("--mutation", help="none, paper (Eq. 16) or additive.")] = "none",
     train_iterations: Annotated[int | None, typer.Option(
         "--train-iterations", help="Fit iterations <= K only and forecast the later ones.")] = None,
@@ -118,7 +126,8 @@ def fit(
     starts: Annotated[int, typer.Option("--starts", help="Optimizer starts.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the starts, draws and bootstrap.")] = 0,
     compare: Annotated[bool, typer.Option(
-        "--compare", help="Also fit hard/soft x none/paper/additive and compare AIC/BIC.")] = False,
+        "--compare", help="Also fit hard/soft x none/paper/additive on every transform (none, log, logit) "
+                          "and compare AIC/BIC on the measured scale.")] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Write the fit dataset (.nc) to this file. Default for a run directory: RUN/fit.nc, "
                       "where `qtm report RUN` finds it (a previous fit there is replaced); for a .nc file: "
@@ -156,7 +165,7 @@ def fit(
                      free=_names(free), fixed=_fixes(fix),
                      shared=_names(share) or DEFAULT_SHARED, drift=drift, population=population)
     config = FitConfig(spec=spec, interval=interval, num_starts=starts, train_iterations=train_iterations,
-                       num_bootstrap=bootstrap_samples)
+                       num_bootstrap=bootstrap_samples, transform=transform)
     with reported(FLAGS):
         config.validate()
     with reported(FLAGS), progress_bars(lines="qtm fit") as bars:
@@ -164,13 +173,18 @@ def fit(
         comparison = None
         if compare:
             from fitting.compare import VARIANTS, compare_variants
+            from fitting.transforms import TRANSFORMS
 
             # the drift model is derived for hard selection: compare the hard variants only
             variants = tuple(v for v in VARIANTS if v[0] == "hard") if drift else VARIANTS
-            comparison = compare_variants(obs if train_iterations is None else result.train, spec,
-                                          num_starts=max(2, min(starts, 4)), key=jax.random.key(seed + 1),
-                                          variants=variants,
-                                          progress=bars("comparing models", len(variants)) if bars else None)
+            # transforms other than none need per-image values; least squares has no likelihood to compare
+            transforms = (tuple(TRANSFORMS) if obs.phenotypes is not None and objective == "likelihood"
+                          else (transform,))
+            comparison = compare_variants(obs if train_iterations is None else obs.restrict(train_iterations),
+                                          spec, num_starts=max(2, min(starts, 4)), key=jax.random.key(seed + 1),
+                                          variants=variants, transforms=transforms,
+                                          progress=bars("comparing models", len(variants) * len(transforms))
+                                          if bars else None)
 
     from fitting.results import render_tables, to_json, write_fit
 

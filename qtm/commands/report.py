@@ -1,7 +1,8 @@
 """`qtm report RUN_DIR`: figures and a markdown summary of any chain run directory (toy or Stable Diffusion).
 
 Reads `metrics.nc` (and `fit.nc` when present), writes `report/` inside the run directory: the phenotype
-trajectories (with the fitted curves and bands of `qtm fit` when a fit exists), an image grid (condition x
+trajectories (with the fitted curves and bands of `qtm fit` when a fit exists, and the fit's QQ figure of
+observed against predicted quantiles per cell), an image grid (condition x
 iteration, the paper's Figure 1b), radial spectra per iteration, FD per iteration, and `report.md`. A run
 with reference images (hf_power_reference) also gets the selection assay (assay.png: r1, r2, S, R, h2 per
 iteration) and, with a fit, the assayed r1, r2 against the fit's (selection_routes.png) with a verdict.
@@ -45,6 +46,11 @@ def build_report(run_dir: Path, *, fit_path: Path | None = None, out_dir: Path |
 
         plot_fit_dataset(fit, out_dir / "phenotype.png")
         figures["Phenotype trajectories with the fitted quantitative-trait model"] = "phenotype.png"
+        if "observed_quantile" in fit:
+            from fitting.plotting import plot_qq_dataset
+
+            plot_qq_dataset(fit, out_dir / "fit_qq.png")
+            figures["Goodness of fit per cell: observed against predicted quantiles"] = "fit_qq.png"
     figures.update(chain_report.write_figures(run_dir, metrics, out_dir, images_per_cell=images_per_cell,
                                               phenotype=fit is None))
     rows = chain_report.summary_table(metrics)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from qtm.cli import app
 
 REPORT_FILES = ("report.md", "phenotype.png", "images.png", "radial_spectra.png", "fd_dinov2.png", "recall.png",
-                "sfd.png", "assay.nc", "assay.png")
+                "sfd.png", "assay.nc", "assay.png", "fit_qq.png")
 
 
 def test_quick_demo_end_to_end_and_rerun(tmp_path):

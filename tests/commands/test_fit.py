@@ -61,7 +61,9 @@ def test_json_output_has_the_documented_shape(run_dir):
     diag = out["diagnostics"]
     assert diag["model"] == "hard" and diag["interval"] == "laplace"
     assert diag["information"]["aic"] == pytest.approx(2 * diag["information"]["num_free"]
-                                                       + 2 * diag["information"]["objective"])
+                                                       - 2 * diag["information"]["log_likelihood"])
+    assert diag["transform"] == "none"
+    assert diag["cell_goodness_of_fit"]["summary"]["shape"]["num_cells"] == 1 + 3 * 4
     assert len(diag["starts"]) == 2 and set(diag["goodness_of_fit"]) == set(TRUTH_CONDITIONS)
 
 
@@ -99,6 +101,16 @@ def test_fix_free_share_flags(run_dir):
     assert len(out["diagnostics"]["correlation"]["labels"]) == 1 + 1 + 3   # mu0, r2, r1 x 3
 
 
+def test_transform_log_is_recorded_and_puts_mu0_on_the_log_scale(run_dir):
+    result = _invoke(run_dir, "--json", "--starts", "2", "--transform", "log")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["diagnostics"]["transform"] == "log"
+    # the data's iteration-0 mean is 0.3 with sd 0.05: on the log scale mu0 ~ log 0.3
+    assert abs(out["shared"]["mu0"]["estimate"] - np.log(0.3)) < 0.05
+    assert out["diagnostics"]["information"]["log_jacobian"] > 0   # a sum of -log x over values below 1
+
+
 def test_train_iterations_forecast(run_dir):
     result = _invoke(run_dir, "--json", "--starts", "2", "--train-iterations", "2")
     assert result.exit_code == 0, result.output
@@ -120,6 +132,8 @@ def test_train_iterations_forecast(run_dir):
     (["{run}", "--starts", "0"], "--starts must be >= 1"),
     (["{run}", "--train-iterations", "0"], "--train-iterations must be >= 1"),
     (["{summary}", "--interval", "bootstrap", "--starts", "1"], "hf_power"),
+    (["{run}", "--transform", "cube"], "--transform must be one of none, log, logit"),
+    (["{summary}", "--transform", "log", "--starts", "1"], "--transform log needs the per-image variable"),
 ])
 def test_error_paths_exit_2_with_one_clear_line(run_dir, tmp_path, args, needle):
     mapping = {"{missing}": tmp_path / "nothing", "{run}": run_dir, "{summary}": run_dir.parent / "summary.nc"}
@@ -218,3 +232,16 @@ def test_a_fit_nc_that_is_not_a_fit_is_refused_before_the_fit_and_kept(run_dir, 
     assert len(errors) == 1 and "is not a fit written by `qtm fit`" in errors[0] and "--out" in errors[0]
     assert (run / "fit.nc").read_bytes() == b"my own notes"
     assert "qtm fit:" not in result.output  # refused before any stage ran
+
+
+@pytest.mark.slow
+def test_compare_ranks_models_and_transforms(run_dir):
+    result = _invoke(run_dir, "--json", "--starts", "2", "--compare")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["diagnostics"]["model_comparison"]
+    assert len(rows) == 6 * 3
+    assert {(r["model"], r["mutation"], r["transform"]) for r in rows} == {
+        (m, u, t) for m in ("hard", "soft") for u in ("none", "paper", "additive") for t in ("none", "log", "logit")}
+    assert sum(r["weight"] for r in rows) == pytest.approx(1.0)
+    # normal draws on the measured scale: the measured scale wins (the log and logit scales skew them)
+    assert rows[0]["transform"] == "none"

@@ -249,3 +249,24 @@ def test_a_full_run_leaves_nothing_out(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["left_out"] == []
     assert "Left out" not in (run / "report" / "report.md").read_text()
+
+
+def test_report_with_a_fit_draws_the_qq_figure_and_the_cell_table(tmp_path):
+    import jax
+
+    from fitting.driver import FitConfig, fit_observations
+    from fitting.observations import load_observations
+    from fitting.results import write_fit
+
+    run, _ = make_run(tmp_path)
+    fit = fit_observations(load_observations(run), FitConfig(num_starts=1, num_draws=50, transform="log"),
+                           key=jax.random.key(0))
+    write_fit(fit, run / "fit.nc")
+    result = CliRunner().invoke(app, ["report", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    assert (run / "report" / "fit_qq.png").is_file()
+    text = (run / "report" / "report.md").read_text()
+    assert "![Goodness of fit per cell: observed against predicted quantiles](fit_qq.png)" in text
+    assert "Goodness of fit per cell" in text and "Fitted on the log scale" in text
+    # 5 images per cell: too few for the shape test (n >= 8), the mean residual is there
+    assert "| cfg7.5 | - / " in text

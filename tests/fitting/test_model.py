@@ -173,7 +173,7 @@ def test_spec_errors_name_the_field(spec, needle, parameters):
 def test_default_free_set_follows_the_model():
     assert ModelSpec().free_names() == ("r1", "r2", "mu0", "sigma_g0", "sigma_env")
     assert set(ModelSpec(selection="soft", mutation="additive").free_names()) == {
-        "r1", "r2", "sigma_mut", "mu0", "sigma_g0", "sigma_env"}
+        "r1", "r2", "tail_rate", "sigma_mut", "mu0", "sigma_g0", "sigma_env"}
     assert "tail_rate" in ModelSpec(selection="soft", free=("r1", "r2", "tail_rate")).free_names()
     prob = build_problem(_obs(), ModelSpec(shared=("sigma_env",)))
     # mu0 and sigma_g0 stay shared (iteration 0 is common); sigma_env shared by request; r's per condition.

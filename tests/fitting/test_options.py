@@ -120,8 +120,8 @@ def test_model_comparison_of_nested_variants(obs):
     # Nested: the larger model fits at least as well (sigma_mut -> 0 recovers the smaller one).
     assert additive["objective"] <= none["objective"] + 1e-6
     for r in rows:
-        assert r["aic"] == pytest.approx(2 * r["num_free"] + 2 * r["objective"])
-        assert r["bic"] == pytest.approx(r["num_free"] * np.log(r["num_observations"]) + 2 * r["objective"])
+        assert r["aic"] == pytest.approx(2 * r["num_free"] - 2 * r["log_likelihood"])
+        assert r["bic"] == pytest.approx(r["num_free"] * np.log(r["num_observations"]) - 2 * r["log_likelihood"])
     assert min(r["delta_aic"] for r in rows) == 0.0
     # Data from the model without mutation: it is not beaten by more than the 2 x 2 parameter penalty.
     assert none["aic"] <= additive["aic"] + 4.0

@@ -64,9 +64,12 @@ def test_dataset_holds_the_result_and_the_observations(result, phenotypes):
     assert ds.attrs["seed"] == 5 and ds.attrs["command"] == "qtm fit mem.nc" and "git_revision" in ds.attrs
     assert ds.attrs["train_iterations"] == 2 and ds.attrs["fixed"] == "sigma_env=0.05"
     info = result.information
-    assert ds.attrs["information_aic"] == pytest.approx(2 * info["num_free"] + 2 * info["objective"])
+    assert ds.attrs["information_aic"] == pytest.approx(2 * info["num_free"] - 2 * info["log_likelihood"])
     assert ds.attrs["information_bic"] == pytest.approx(info["num_free"] * math.log(info["num_observations"])
-                                                        + 2 * info["objective"])
+                                                        - 2 * info["log_likelihood"])
+    assert ds.attrs["transform"] == "none" and info["log_jacobian"] == 0.0
+    assert ds["gof_shape_pvalue"].dims == ("condition", "iteration")
+    assert ds["observed_quantile"].dims == ("condition", "iteration", "quantile_level")
     # BIC's n: the phenotypes the fit used, D_0 once plus 2 conditions x iterations 1-2, less the 7 missing
     assert info["num_free"] == 6 and info["num_observations"] == 60 + 2 * 2 * 60 - 7
     assert json.loads(ds.attrs["forecast"]) == result.forecast

@@ -36,13 +36,15 @@ def summary_dataset(phenotypes: np.ndarray, conditions) -> xr.Dataset:
 
 
 def montecarlo_phenotypes(conditions: dict, shared: dict, *, num_iterations: int, num_images: int,
-                          population: int, seed: int, observe: str = "genetic") -> np.ndarray:
+                          population: int, seed: int, observe: str = "genetic",
+                          extra: dict | None = None) -> np.ndarray:
     """Per-image phenotypes (C, K+1, num_images) of chains from qtm's finite-population Monte Carlo that
     share one D_0, as the conditions of a real chain do (`qtm.montecarlo.simulate_shared_origin`).
 
     Each condition is a chain of `population` individuals; `num_images` of them are measured at every
     iteration (the first ones: individuals are exchangeable). Observed values are the genetic values
     (docs/model.md section 6, default mapping) or the phenotypes. Iteration 0 is the same sample for all.
+    `extra`: further TraitParams fields for every condition (e.g. a finite tail_rate: soft selection).
     """
     import jax
     import jax.numpy as jnp
@@ -51,8 +53,8 @@ def montecarlo_phenotypes(conditions: dict, shared: dict, *, num_iterations: int
     from qtm.params import TraitParams
 
     r1, r2 = (jnp.array([r[i] for r in conditions.values()]) for i in (0, 1))
-    sim = simulate_shared_origin(TraitParams(r1=r1, r2=r2, **shared), num_iterations, population=population,
-                                 key=jax.random.key(seed), return_individuals=True)
+    sim = simulate_shared_origin(TraitParams(r1=r1, r2=r2, **shared, **(extra or {})), num_iterations,
+                                 population=population, key=jax.random.key(seed), return_individuals=True)
     values = sim.genetic_values if observe == "genetic" else sim.phenotypes
     return np.array(values)[:, :, :num_images]
 
