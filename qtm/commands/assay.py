@@ -85,7 +85,7 @@ def _render(result, console) -> None:
     conf = f"{result.config.confidence:.0%}"
     for c, name in enumerate(result.conditions):
         window = Table(title=f"{name}: realized selection window ({conf} bootstrap intervals)")
-        for col in ("iteration", "r1 (normal ML)", "r2 (normal ML)", "r1 free", "r2 free", "best", "weight"):
+        for col in ("iteration", "r1 (ML)", "r2 (ML)", "r1 free", "r2 free", "best", "weight"):
             window.add_column(col)
         gain = Table(title=f"{name}: selection, response, heritability ({conf} bootstrap intervals)")
         for col in ("iteration", "S", "R", "h2 = R / S"):
