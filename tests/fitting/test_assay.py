@@ -321,6 +321,23 @@ def test_json_is_strict_and_has_the_documented_shape():
     assert rows[0]["selection_differential"]["estimate"] == 2.0
     slope = out["conditions"]["cfg7.5"]["realized_heritability"]
     assert slope["estimate"] == pytest.approx(12 / 29)
+    assert out["conditions"]["cfg7.5"]["normalizing_transform"] == "normal_scores"
+
+
+def test_json_writes_infinities_as_every_command_does():
+    """h2 = R / S with S exactly 0 is infinite: "inf" / "-inf" through qtmio.strict_json, NaN null."""
+    from qtmio.strict_json import dumps_strict
+
+    ds = hand_fixture()
+    guided = ds["hf_power"].values.copy()
+    guided[0, 1] = [0.0, 1.0, 1.0, 2.0]  # = the reference at iteration 1: S_1 = 0, R_1 = 1
+    ds = ds.assign(hf_power=(ds["hf_power"].dims, guided))
+    result = run_assay(assay_input_from_dataset(ds), AssayConfig(num_bootstrap=20), rng=np.random.default_rng(0))
+    out = strict_loads(dumps_strict(assay_json(result)))
+    rows = out["conditions"]["cfg7.5"]["iterations"]
+    assert rows[0]["selection_differential"]["estimate"] == 0.0
+    assert rows[0]["heritability"]["estimate"] == "inf"
+    assert rows[2]["heritability"]["estimate"] is None
 
 
 def test_dataset_is_self_describing(tmp_path):
@@ -337,6 +354,8 @@ def test_dataset_is_self_describing(tmp_path):
     assert ds.attrs["assay_schema_version"] == 1 and ds.attrs["command"] == "qtm assay x"
     assert "git_revision" in ds.attrs and ds.attrs["num_bootstrap"] == 20
     assert "description" in ds["heritability"].attrs
+    assert ds["normalizing_transform"].dims == ("condition",)
+    assert ds["normalizing_transform"].values.tolist() == ["normal_scores"]
     assert list(ds["iteration"].values) == [1, 2, 3]
     again = assay_dataset(result)
     np.testing.assert_allclose(again["heritability"].values, ds["heritability"].values)
