@@ -241,11 +241,12 @@ def truncation_test(guided: np.ndarray, reference: np.ndarray) -> dict[str, Any]
 
     Both sets are first mapped to the reference's normal-score scale (`normal_scores`, fitted to the
     reference set alone), where the reference is normal whatever the phenotype's law; the four normal models
-    of `normal_models_test` are fitted there. The map is one and the same for all four models, so the
-    log-likelihood of the phenotypes themselves differs from that of their scores by one common term (the
-    map's Jacobian, which a rank map does not even have) and every AIC difference, Akaike weight and
-    likelihood ratio is the same on either scale. On normal phenotypes the scores are (up to rank noise) the
-    standardized phenotypes, so the test means what it meant on the raw scale there (docs/assay.md).
+    of `normal_models_test` are fitted there. The map is fitted before any model and is the same for all
+    four, so the models compete on one scale: under a smooth monotone map the phenotypes' log-likelihood
+    would differ from the scores' by the same summed log-Jacobian in every model, leaving AIC differences,
+    Akaike weights and likelihood ratios unchanged; the rank map has no Jacobian, and the four models are
+    models of the scores. On normal phenotypes the scores are (up to rank noise) the standardized phenotypes,
+    so the test means what it meant on the raw scale there (docs/assay.md, "The truncation test").
 
     Returns `normal_models_test`'s dict, except `shift` = mean(guided) - mean(reference) in phenotype units;
     log-likelihoods, `scale` and `truncation_fit` are those of the scores.
