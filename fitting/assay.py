@@ -159,9 +159,7 @@ def window_normal(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray
     enter (r1, r2 are quantile fractions, the same on every monotone scale). Rows are bootstrap replicates
     (NaN = missing); estimates are clipped to [0, 1].
     """
-    u = special.ndtr(normal_scores(guided, reference))
-    lo, hi = uniform_endpoints(u)
-    return np.clip(lo, 0.0, 1.0), np.clip(1.0 - hi, 0.0, 1.0)
+    return _windows(*reference_ranks(guided, reference))["normal"]
 
 
 def window_empirical(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,12 +174,21 @@ def window_empirical(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndar
     uses), and the estimator is a smooth function of means, so the bootstrap is valid for it. Clipped to
     [0, 1].
     """
-    u = reference_percentiles(guided, reference)
+    return _windows(*reference_ranks(guided, reference))["empirical"]
+
+
+def _windows(ranks: np.ndarray, size: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Both windows from the guided set's mid-ranks in the reference (`reference_ranks`), computed once for
+    the two: "normal" (`window_normal`: u = Phi(normal score) = (rank + 1/2) / (m + 1), unbiased endpoints)
+    and "empirical" (`window_empirical`: u = rank / m, moments)."""
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # rows with fewer than 2 values give NaN
+        lo, hi = uniform_endpoints((ranks + 0.5) / (size + 1.0))
+        u = ranks / size
         centre = np.nanmean(u, axis=-1)
         width = np.sqrt(12.0 * np.nanvar(u, axis=-1, ddof=1))
-    return np.clip(centre - width / 2, 0.0, 1.0), np.clip(1.0 - centre - width / 2, 0.0, 1.0)
+    return {"normal": (np.clip(lo, 0.0, 1.0), np.clip(1.0 - hi, 0.0, 1.0)),
+            "empirical": (np.clip(centre - width / 2, 0.0, 1.0), np.clip(1.0 - centre - width / 2, 0.0, 1.0))}
 
 
 def cell_statistics(guided: np.ndarray, reference: np.ndarray, *, min_images: int = 3) -> dict[str, np.ndarray]:
@@ -189,8 +196,8 @@ def cell_statistics(guided: np.ndarray, reference: np.ndarray, *, min_images: in
     S = mean(guided) - mean(reference), and the reference mean (for the response). Rows with fewer than
     `min_images` finite values in either set give NaN."""
     guided, reference = np.atleast_2d(guided), np.atleast_2d(reference)
-    r1, r2 = window_normal(guided, reference)
-    r1e, r2e = window_empirical(guided, reference)
+    windows = _windows(*reference_ranks(guided, reference))  # window_normal and window_empirical
+    (r1, r2), (r1e, r2e) = windows["normal"], windows["empirical"]
     gmean = sample_moments(guided)[1]
     rmean = sample_moments(reference)[1]
     out = {"r1": r1, "r2": r2, "r1_empirical": r1e, "r2_empirical": r2e,
