@@ -7,9 +7,11 @@ set its selected one, so every chain is a selection experiment (docs/assay.md de
 
 - realized selection window (r1, r2): the fractions cut from the left and right tail of the reference
   distribution that, truncated there, best explain the guided phenotypes. Two estimators:
-  `window_normal` (maximum likelihood under the model's normal law, with the endpoint bias removed) and
-  `window_empirical` (distribution-free, matching the moments of the guided set's reference percentiles);
-- `truncation_test`: truncation against a shift, a scale change and no change, by AIC weights;
+  `window_normal` (maximum likelihood under the normal law on the reference's normal-score scale, with the
+  endpoint bias removed) and `window_empirical` (distribution-free, matching the moments of the guided set's
+  reference percentiles);
+- `truncation_test`: truncation against a shift, a scale change and no change, by AIC weights, on the
+  normal-score scale;
 - selection differential S_k = mean(guided_k) - mean(reference_k), response R_k = mean(reference_{k+1}) -
   mean(reference_k), realized heritability h2_k = R_k / S_k (Falconer), and the realized-heritability
   regression of cumulative response on cumulative selection differential (through the origin).
@@ -17,6 +19,11 @@ set its selected one, so every chain is a selection experiment (docs/assay.md de
 Intervals: percentile bootstrap over images. Images are resampled by index (the image coordinate: one prompt
 and one seed), once per replicate and for every iteration and both sets of a condition together, so guided
 and reference images of the same seed stay paired and the correlations between iterations are kept.
+
+The normal-score scale: r1 and r2 are quantile fractions of the reference law, so they are the same on every
+monotone scale of the phenotype. The normal-law route therefore works on the scale where the reference set is
+normal by construction, its van der Waerden normal scores z = Phi^-1(F_ref(v)) (`normal_scores`), whatever
+law the phenotype itself follows (hf_power is bounded below and skewed).
 
 The core is numpy/scipy only: small pure functions on arrays; `run_assay` drives them over a dataset and
 returns an `AssayResult`; `assay_dataset` and `assay_json` turn it into assay.nc and the JSON summary.
@@ -44,10 +51,9 @@ ASSAY_SCHEMA_VERSION = 1
 PACKAGES = ("qtm", "numpy", "scipy", "xarray", "h5netcdf")
 MODELS = ("truncation", "shift", "scale", "none")
 MODEL_NUM_PARAMS = {"truncation": 4, "shift": 3, "scale": 3, "none": 2}
-SKEWNESS_LIMIT = 1.0
-"""|skewness| of a condition's reference phenotypes above which the normal-law window and the truncation test
-are flagged: on a phenotype bounded below and skewed right, the smallest values sit far above a fitted
-normal's left tail, so "truncated on the left" beats "no change" even between identical sets."""
+NORMALIZING_TRANSFORM = "normal_scores"
+"""The monotone map under which the normal-law window and the truncation test are computed: the van der Waerden
+normal scores of the reference set (`normal_scores`), recorded per condition in assay.nc and the JSON."""
 CELL_QUANTITIES = ("r1", "r2", "r1_empirical", "r2_empirical", "selection_differential")
 ITERATION_QUANTITIES = CELL_QUANTITIES + ("response", "heritability", "cumulative_selection_differential",
                                           "cumulative_response")
@@ -99,38 +105,61 @@ def uniform_endpoints(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return umin - pad, umax + pad
 
 
-def window_normal(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Realized window (r1, r2) by maximum likelihood under the normal law (the hard truncation of Eq. 7-8).
-
-    Model: reference ~ N(m, s^2), m and s the reference set's mean and sample sd (ddof 1); guided ~ that law
-    truncated to [m + s Phi^-1(r1), m + s Phi^-1(1 - r2)]. Reparametrised by the probability transform
-    u = Phi((guided - m) / s), the guided set is U(r1, 1 - r2), whose likelihood (1 - r1 - r2)^-n grows as
-    the window shrinks: the ML window is the sample's extremes, biased inwards. `uniform_endpoints` removes
-    that bias. Rows are bootstrap replicates (NaN = missing); estimates are clipped to [0, 1].
-    """
-    guided, reference = np.atleast_2d(guided), np.atleast_2d(reference)
-    _, m, var = sample_moments(reference)
-    s = np.sqrt(var)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        u = special.ndtr((guided - m[:, None]) / s[:, None])
-    lo, hi = uniform_endpoints(u)
-    return np.clip(lo, 0.0, 1.0), np.clip(1.0 - hi, 0.0, 1.0)
+def reference_ranks(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mid-ranks of `values` among their row's reference set: (#{x < v} + #{x = v} / 2, m) per value, m the
+    row's number of finite reference values (broadcast to the values' shape). NaN where the value is missing
+    or the reference row is empty."""
+    values, reference = np.atleast_2d(values), np.atleast_2d(reference)
+    ranks = np.full(values.shape, np.nan)
+    size = np.zeros(values.shape)
+    for row in range(values.shape[0]):
+        x = np.sort(reference[row][np.isfinite(reference[row])])
+        ok = np.isfinite(values[row])
+        if x.size == 0 or not ok.any():
+            continue
+        v = values[row][ok]
+        ranks[row, ok] = (np.searchsorted(x, v, "left") + np.searchsorted(x, v, "right")) / 2.0
+        size[row] = x.size
+    return ranks, size
 
 
 def reference_percentiles(guided: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """The percentile of every guided phenotype in its row's reference set: the empirical CDF
     F_n(y) = (#{x < y} + #{x = y} / 2) / n (mid-rank, so a guided image equal to its paired reference image
     sits in the middle of the tie). NaN where the guided value is missing or the reference row is empty."""
-    guided, reference = np.atleast_2d(guided), np.atleast_2d(reference)
-    out = np.full(guided.shape, np.nan)
-    for row in range(guided.shape[0]):
-        x = np.sort(reference[row][np.isfinite(reference[row])])
-        ok = np.isfinite(guided[row])
-        if x.size == 0 or not ok.any():
-            continue
-        g = guided[row][ok]
-        out[row, ok] = (np.searchsorted(x, g, "left") + np.searchsorted(x, g, "right")) / (2.0 * x.size)
-    return out
+    ranks, size = reference_ranks(guided, reference)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ranks / size
+
+
+def normal_scores(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The van der Waerden normal scores of `values` in their row's reference set (docs/assay.md, "The
+    normal-score scale"): z = Phi^-1(u), u = (#{x < v} + #{x = v} / 2 + 1/2) / (m + 1).
+
+    At the reference images themselves (no ties) u = j / (m + 1) for the j-th smallest, the expected value of
+    F(x_(j)) for any continuous law F, so the reference set's scores are the N(0, 1) quantiles whatever the
+    phenotype's law; a value between the reference's j-th and (j + 1)-th smallest gets u = (j + 1/2) / (m + 1),
+    one beyond the reference's extremes 1/2 / (m + 1) or 1 - 1/2 / (m + 1), so every score is finite. The
+    map is monotone (non-decreasing): quantile fractions such as r1, r2 are the same on this scale as on the
+    phenotype's. NaN where the value is missing or the reference row is empty."""
+    ranks, size = reference_ranks(values, reference)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return special.ndtri((ranks + 0.5) / (size + 1.0))
+
+
+def window_normal(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Realized window (r1, r2) by maximum likelihood under the normal law (the hard truncation of Eq. 7-8) on
+    the reference's normal-score scale (docs/assay.md).
+
+    On the scale of `normal_scores` the reference law is N(0, 1); the guided set, if it is that law truncated
+    at its r1 and 1 - r2 quantiles, has scores in [Phi^-1(r1), Phi^-1(1 - r2)]. Reparametrised by the
+    probability transform u = Phi(z) = (#{x < g} + #{x = g} / 2 + 1/2) / (m + 1), the guided set is
+    U(r1, 1 - r2), whose likelihood (1 - r1 - r2)^-n grows as the window shrinks: the ML window is the
+    sample's extremes, biased inwards. `uniform_endpoints` removes that bias. The phenotype's own law does not
+    enter (r1, r2 are quantile fractions, the same on every monotone scale). Rows are bootstrap replicates
+    (NaN = missing); estimates are clipped to [0, 1].
+    """
+    return _windows(*reference_ranks(guided, reference))["normal"]
 
 
 def window_empirical(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,12 +174,21 @@ def window_empirical(guided: np.ndarray, reference: np.ndarray) -> tuple[np.ndar
     uses), and the estimator is a smooth function of means, so the bootstrap is valid for it. Clipped to
     [0, 1].
     """
-    u = reference_percentiles(guided, reference)
+    return _windows(*reference_ranks(guided, reference))["empirical"]
+
+
+def _windows(ranks: np.ndarray, size: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Both windows from the guided set's mid-ranks in the reference (`reference_ranks`), computed once for
+    the two: "normal" (`window_normal`: u = Phi(normal score) = (rank + 1/2) / (m + 1), unbiased endpoints)
+    and "empirical" (`window_empirical`: u = rank / m, moments)."""
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # rows with fewer than 2 values give NaN
+        lo, hi = uniform_endpoints((ranks + 0.5) / (size + 1.0))
+        u = ranks / size
         centre = np.nanmean(u, axis=-1)
         width = np.sqrt(12.0 * np.nanvar(u, axis=-1, ddof=1))
-    return np.clip(centre - width / 2, 0.0, 1.0), np.clip(1.0 - centre - width / 2, 0.0, 1.0)
+    return {"normal": (np.clip(lo, 0.0, 1.0), np.clip(1.0 - hi, 0.0, 1.0)),
+            "empirical": (np.clip(centre - width / 2, 0.0, 1.0), np.clip(1.0 - centre - width / 2, 0.0, 1.0))}
 
 
 def cell_statistics(guided: np.ndarray, reference: np.ndarray, *, min_images: int = 3) -> dict[str, np.ndarray]:
@@ -158,8 +196,8 @@ def cell_statistics(guided: np.ndarray, reference: np.ndarray, *, min_images: in
     S = mean(guided) - mean(reference), and the reference mean (for the response). Rows with fewer than
     `min_images` finite values in either set give NaN."""
     guided, reference = np.atleast_2d(guided), np.atleast_2d(reference)
-    r1, r2 = window_normal(guided, reference)
-    r1e, r2e = window_empirical(guided, reference)
+    windows = _windows(*reference_ranks(guided, reference))  # window_normal and window_empirical
+    (r1, r2), (r1e, r2e) = windows["normal"], windows["empirical"]
     gmean = sample_moments(guided)[1]
     rmean = sample_moments(reference)[1]
     out = {"r1": r1, "r2": r2, "r1_empirical": r1e, "r2_empirical": r2e,
@@ -208,8 +246,32 @@ def realized_heritability_slope(cumulative_selection: np.ndarray, cumulative_res
 def truncation_test(guided: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     """Which change of the reference law explains the guided set best: truncation, shift, scale, none.
 
+    Both sets are first mapped to the reference's normal-score scale (`normal_scores`, fitted to the
+    reference set alone), where the reference is normal whatever the phenotype's law; the four normal models
+    of `normal_models_test` are fitted there. The map is fitted before any model and is the same for all
+    four, so the models compete on one scale: under a smooth monotone map the phenotypes' log-likelihood
+    would differ from the scores' by the same summed log-Jacobian in every model, leaving AIC differences,
+    Akaike weights and likelihood ratios unchanged; the rank map has no Jacobian, and the four models are
+    models of the scores. On normal phenotypes the scores are (up to rank noise) the standardized phenotypes,
+    so the test means what it meant on the raw scale there (docs/assay.md, "The truncation test").
+
+    Returns `normal_models_test`'s dict, except `shift` = mean(guided) - mean(reference) in phenotype units;
+    log-likelihoods, `scale` and `truncation_fit` are those of the scores.
+    """
+    g = np.asarray(guided, float).ravel()
+    x = np.asarray(reference, float).ravel()
+    out = normal_models_test(normal_scores(g, x)[0], normal_scores(x, x)[0])
+    gf, xf = g[np.isfinite(g)], x[np.isfinite(x)]
+    if out["best"] is not None:
+        out["shift"] = float(np.mean(gf) - np.mean(xf))
+    return out
+
+
+def normal_models_test(guided: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """The truncation test's four normal models on values (the normal scores in `truncation_test`).
+
     Four normal models of both sets together (reference x, n_x images; guided g, n_g images), each fitted by
-    maximum likelihood to all n_x + n_g phenotypes, so that the uncertainty of the reference's own mean
+    maximum likelihood to all n_x + n_g values, so that the uncertainty of the reference's own mean
     and sd enters every model alike:
         none        x, g ~ N(m, s^2)                                        k = 2
         shift       x ~ N(m, s^2),  g ~ N(m + d, s^2)                       k = 3
@@ -217,10 +279,10 @@ def truncation_test(guided: np.ndarray, reference: np.ndarray) -> dict[str, Any]
         truncation  x ~ N(m, s^2),  g ~ N(m, s^2) truncated to the window   k = 4
                     [m + s Phi^-1(r1), m + s Phi^-1(1 - r2)]
     The truncation likelihood is sum log phi over both sets - n_g log(1 - r1 - r2), maximized over (m, s)
-    with the window at its bias-corrected endpoints (`window_normal` given m, s): at the plain ML endpoints
-    (the guided extremes) the likelihood gains about one unit per endpoint even when nothing is truncated.
-    Compared by AIC = 2 k - 2 log L and Akaike weights exp(-dAIC / 2) / sum; `best` is the model of largest
-    weight, `statistic` the likelihood ratio 2 (log L_best - log L_runner_up); `p_value` holds the
+    with the window at its bias-corrected endpoints (`uniform_endpoints` of Phi((g - m) / s)): at the plain
+    ML endpoints (the guided extremes) the likelihood gains about one unit per endpoint even when nothing is
+    truncated. Compared by AIC = 2 k - 2 log L and Akaike weights exp(-dAIC / 2) / sum; `best` is the model
+    of largest weight, `statistic` the likelihood ratio 2 (log L_best - log L_runner_up); `p_value` holds the
     likelihood-ratio tests of shift and of scale against none (nested, chi^2 with 1 degree of freedom; the
     truncation model is not regular at its endpoints and gets no such p-value); `truncation_fit` holds the
     truncation model's (m, s). The four fits treat the two sets as independent samples (paired seeds make
@@ -421,26 +483,7 @@ def run_assay(data: AssayInput, config: AssayConfig = AssayConfig(), *, rng: np.
     if weak:
         notes.append("selection differential indistinguishable from 0 (its interval covers 0), so h2 = R / S "
                      "means nothing at: " + ", ".join(weak))
-    notes += skewness_notes(data)
     return dataclasses.replace(result, notes=tuple(notes))
-
-
-def skewness_notes(data: AssayInput) -> list[str]:
-    """One note per condition whose reference phenotypes (all iterations pooled) have |skewness| above
-    SKEWNESS_LIMIT: there the normal-law window (r1, r2) and the truncation test assume a law the data do not
-    follow, and only the distribution-free window, S, R and h2 are to be read."""
-    notes = []
-    for c, name in enumerate(data.conditions):
-        values = data.reference[c][np.isfinite(data.reference[c])]
-        if values.size < 3 or np.ptp(values) == 0:
-            continue
-        skewness = float(stats.skew(values))
-        if abs(skewness) > SKEWNESS_LIMIT:
-            notes.append(f"condition {name}: the reference phenotypes are skewed (skewness {skewness:.2f}); the "
-                         "normal-law window and the truncation test assume a normal law and mislead here (they "
-                         "can report truncation between identical sets): read the distribution-free window, "
-                         "S, R and h2")
-    return notes
 
 
 def _percentiles(values: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -513,8 +556,10 @@ def assay_input_from_dataset(ds: Any, *, source: str = "<dataset>") -> AssayInpu
 # ---------------------------------------------------------------------------------------------------------
 
 _DESCRIPTIONS = {
-    "r1": "realized left-tail fraction: maximum likelihood under the normal law, endpoint bias removed",
-    "r2": "realized right-tail fraction: maximum likelihood under the normal law, endpoint bias removed",
+    "r1": "realized left-tail fraction: maximum likelihood under the normal law on the reference's normal-score "
+          "scale, endpoint bias removed",
+    "r2": "realized right-tail fraction: maximum likelihood under the normal law on the reference's normal-score "
+          "scale, endpoint bias removed",
     "r1_empirical": "realized left-tail fraction, distribution-free (moments of the reference percentiles)",
     "r2_empirical": "realized right-tail fraction, distribution-free (moments of the reference percentiles)",
     "selection_differential": "S_k = mean(guided_k) - mean(reference_k)",
@@ -546,9 +591,15 @@ def assay_dataset(result: AssayResult, *, command: str | None = None) -> Any:
     weight = np.array([[[t["aic_weight"][m] for m in MODELS] for t in row] for row in tests])
     best = np.array([[t["best"] or "" for t in row] for row in tests], dtype=str)
     data_vars["log_likelihood"] = (dims + ("model",), loglik,
-                                   {"description": "truncation test: maximized log-likelihood of the guided set"})
+                                   {"description": "truncation test: maximized log-likelihood of both sets' "
+                                                   "normal scores (see normalizing_transform)"})
     data_vars["aic_weight"] = (dims + ("model",), weight, {"description": "truncation test: Akaike weight"})
     data_vars["best_model"] = (dims, best, {"description": "truncation test: the model of largest Akaike weight"})
+    data_vars["normalizing_transform"] = (
+        ("condition",), np.array([NORMALIZING_TRANSFORM] * len(result.conditions), dtype=str),
+        {"description": "monotone map of the phenotype under which r1, r2 (normal law) and the truncation test "
+                        "are computed: normal_scores = Phi^-1((mid-rank + 1/2) / (m + 1)) in the reference set "
+                        "of the same iteration (docs/assay.md)"})
     data_vars["num_guided"] = (dims, result.num_guided, {"description": "guided images measured"})
     data_vars["num_reference"] = (dims, result.num_reference, {"description": "reference images measured"})
     data_vars["guided_mean"] = (dims, result.guided_mean, {"description": "mean phenotype of the guided set"})
@@ -587,8 +638,10 @@ def write_assay(result: AssayResult, path: str | Path, **kwargs) -> Path:
 
 
 def _num(x: Any) -> float | None:
+    """A number for the JSON summary: NaN -> None; infinities stay floats, which qtmio.strict_json writes as
+    "inf" / "-inf" like every other command's JSON."""
     x = float(x)
-    return x if math.isfinite(x) else None
+    return None if math.isnan(x) else x
 
 
 def _interval(result: AssayResult, name: str, c: int, i: int) -> dict[str, float | None]:
@@ -597,12 +650,13 @@ def _interval(result: AssayResult, name: str, c: int, i: int) -> dict[str, float
 
 
 def assay_json(result: AssayResult) -> dict[str, Any]:
-    """The JSON summary (strict JSON: every NaN or infinity becomes null):
+    """The JSON summary, to be written through qtmio.strict_json (NaN -> null, infinities -> "inf" / "-inf"):
     {"conditions": {NAME: {"iterations": [{"iteration": k, "r1": {estimate, lower, upper}, "r2", "r1_empirical",
     "r2_empirical", "selection_differential", "response", "heritability" (+ "meaningful"),
     "truncation_test": {"best", "aic_weight", "log_likelihood", "statistic"}, "num_guided",
     "num_reference"}, ...], "realized_heritability": {estimate, lower, upper, meaningful},
-    "cumulative": [...]}}, "confidence", "num_bootstrap", "reference_scale", "source", "notes"}."""
+    "cumulative": [...], "normalizing_transform"}}, "confidence", "num_bootstrap", "reference_scale", "source",
+    "notes"}."""
     meaningful = result.meaningful_heritability()
     slope_ok = result.meaningful_realized_heritability()
     conditions = {}
@@ -635,7 +689,8 @@ def assay_json(result: AssayResult) -> dict[str, Any]:
         est, lo, hi = result.realized_heritability[c]
         conditions[name] = {"iterations": rows, "cumulative": cumulative,
                             "realized_heritability": {"estimate": _num(est), "lower": _num(lo), "upper": _num(hi),
-                                                      "meaningful": bool(slope_ok[c])}}
+                                                      "meaningful": bool(slope_ok[c])},
+                            "normalizing_transform": NORMALIZING_TRANSFORM}
     return {"conditions": conditions, "confidence": result.config.confidence,
             "num_bootstrap": result.config.num_bootstrap, "reference_scale": result.data.reference_scale,
             "source": result.data.source, "notes": list(result.notes)}

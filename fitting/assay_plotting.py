@@ -73,8 +73,8 @@ def plot_assay_dataset(ds, path: str | Path) -> Path:
     axes = fig.subplots(4, num, squeeze=False)
     for c, name in enumerate(conditions):
         ax = axes[0][c]
-        _quantity(ax, it - 0.06, ds, "r1", c, fmt="o-", color="C0", label="r1, normal model")
-        _quantity(ax, it + 0.06, ds, "r2", c, fmt="o-", color="C3", label="r2, normal model")
+        _quantity(ax, it - 0.06, ds, "r1", c, fmt="o-", color="C0", label="r1, likelihood (normal scores)")
+        _quantity(ax, it + 0.06, ds, "r2", c, fmt="o-", color="C3", label="r2, likelihood (normal scores)")
         for q, color, dx, label in (("r1_empirical", "C0", -0.18, "r1, distribution-free"),
                                     ("r2_empirical", "C3", 0.18, "r2, distribution-free")):
             ax.errorbar(it + dx, ds[q].values[c], fmt="o", mfc="none", color=color, ms=4.5, label=label)

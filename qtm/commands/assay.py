@@ -85,7 +85,7 @@ def _render(result, console) -> None:
     conf = f"{result.config.confidence:.0%}"
     for c, name in enumerate(result.conditions):
         window = Table(title=f"{name}: realized selection window ({conf} bootstrap intervals)")
-        for col in ("iteration", "r1 (normal ML)", "r2 (normal ML)", "r1 free", "r2 free", "best", "weight"):
+        for col in ("iteration", "r1 (ML)", "r2 (ML)", "r1 free", "r2 free", "best", "weight"):
             window.add_column(col)
         gain = Table(title=f"{name}: selection, response, heritability ({conf} bootstrap intervals)")
         for col in ("iteration", "S", "R", "h2 = R / S"):
@@ -111,7 +111,8 @@ def _render(result, console) -> None:
                           f"[{_fmt(lo, 2)}, {_fmt(hi, 2)}]{flag}", markup=False)
     scale = result.data.reference_scale
     console.print(f"reference scale: {'unknown' if scale is None else _fmt(scale)}; "
-                  f"{result.config.num_bootstrap} bootstrap replicates; 'free' = distribution-free window; "
-                  "best = truncation test (Akaike weight)", markup=False)
+                  f"{result.config.num_bootstrap} bootstrap replicates; 'ML' = likelihood window and best = "
+                  "truncation test (Akaike weight), both on the reference's normal scores; 'free' = "
+                  "distribution-free window", markup=False)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
