@@ -374,6 +374,12 @@ class AssayInput:
     reference_scale: float | None = None
 
 
+SELECTION_FLOOR = 1e-3
+"""A selection differential below this many reference standard deviations is rounding, not selection: guided
+and reference images that agree to 8 bits (CFG 1 against its own reference) give |S| ~ 1e-6 sd with a
+bootstrap interval that may exclude 0. Truncating even a fraction 0.001 of one tail gives |S| ~ 3e-3 sd."""
+
+
 @dataclasses.dataclass(frozen=True)
 class AssayResult:
     """The assay of every condition and iteration k >= 1.
@@ -408,9 +414,12 @@ class AssayResult:
         return self.data.iterations
 
     def meaningful_heritability(self) -> np.ndarray:
-        """(C, I): the interval of S excludes 0, so h2 = R / S means something."""
+        """(C, I): the interval of S excludes 0 and |S| is at least SELECTION_FLOOR reference sds, so h2 = R / S
+        means something."""
         lo, hi = self.lower["selection_differential"], self.upper["selection_differential"]
-        return (lo > 0) | (hi < 0)
+        with np.errstate(invalid="ignore"):
+            above_rounding = np.abs(self.estimate["selection_differential"]) >= SELECTION_FLOOR * self.reference_sd
+        return ((lo > 0) | (hi < 0)) & above_rounding
 
     def meaningful_realized_heritability(self) -> np.ndarray:
         """(C,): the interval of the last cumulative selection differential excludes 0."""
@@ -421,7 +430,9 @@ class AssayResult:
             if ok.size:
                 lo = self.lower["cumulative_selection_differential"][c, ok[-1]]
                 hi = self.upper["cumulative_selection_differential"][c, ok[-1]]
-                out[c] = (lo > 0) or (hi < 0)
+                sd = self.reference_sd[c, 0] if np.isfinite(self.reference_sd[c, 0]) else np.nanmean(self.reference_sd[c])
+                above_rounding = abs(cs[ok[-1]]) >= SELECTION_FLOOR * sd
+                out[c] = ((lo > 0) or (hi < 0)) and bool(above_rounding)
         return out
 
 
@@ -481,8 +492,8 @@ def run_assay(data: AssayInput, config: AssayConfig = AssayConfig(), *, rng: np.
             for ii, k in enumerate(data.iterations)
             if np.isfinite(est["heritability"][ci, ii]) and not result.meaningful_heritability()[ci, ii]]
     if weak:
-        notes.append("selection differential indistinguishable from 0 (its interval covers 0), so h2 = R / S "
-                     "means nothing at: " + ", ".join(weak))
+        notes.append("selection differential indistinguishable from 0 (its interval covers 0, or |S| < 0.001 "
+                     "reference sd: rounding), so h2 = R / S means nothing at: " + ", ".join(weak))
     return dataclasses.replace(result, notes=tuple(notes))
 
 
@@ -803,7 +814,7 @@ def markdown_assay(assay: Any, *, figure: str | None = None) -> str:
              f"Guided images against the same model's reference images{scale}, {conf:.0%} bootstrap intervals "
              f"over images ({assay.attrs.get('num_bootstrap', '?')} replicates); every quantity is defined in "
              "docs/assay.md. "
-             "h2 is marked where the interval of S covers 0 (h2 = R / S then means nothing).", ""]
+             "h2 is marked where the interval of S covers 0 or |S| < 0.001 reference sd (h2 = R / S then means nothing).", ""]
     if figure:
         lines += [f"![Selection assay]({figure})", ""]
     lines += ["| condition | iteration | r1 | r2 | S | R | h2 | best model |",

@@ -12,6 +12,7 @@ from scipy import optimize, stats
 from fitting.assay import (
     AssayConfig,
     AssayError,
+    SELECTION_FLOOR,
     AssayInput,
     assay_dataset,
     assay_input_from_dataset,
@@ -630,3 +631,28 @@ def test_a_shifted_skewed_copy_is_called_a_shift():
 def test_a_fresh_draw_of_the_same_skewed_law_is_mostly_none():
     fresh = _skewed_verdicts(lambda rng, x: SKEWED_LAWS["lognormal"].rvs(size=x.size, random_state=rng), seeds=20)
     assert fresh.most_common(1)[0][0] == "none", fresh
+
+
+def test_a_rounding_level_selection_differential_gives_no_meaningful_heritability():
+    """Guided images equal to the reference up to 1e-7 (CFG 1 against its own reference set): the bootstrap
+    interval of S excludes 0, yet |S| is ~1e-6 reference sd, below SELECTION_FLOOR: h2 is not meaningful.
+    A real selection (the upper half of the reference) is."""
+    rng = np.random.default_rng(5)
+    reference = rng.lognormal(-2.0, 0.7, size=(1, 4, 200))
+    reference[:, 0] = np.nan
+    shifted = reference + 1e-7          # every guided value a hair above its reference twin
+    selected = np.sort(reference, axis=-1)
+    selected[:, 1:] = np.repeat(selected[:, 1:, 100:], 2, axis=-1)   # the upper half, twice
+    for guided, meaningful in ((shifted, False), (selected, True)):
+        ds = xr.Dataset({"hf_power": (("condition", "iteration", "image"), np.where(np.isnan(guided), 0.1, guided)),
+                         "hf_power_reference": (("condition", "iteration", "image"), reference)},
+                        coords={"condition": ["c"], "iteration": [0, 1, 2, 3], "image": np.arange(200)},
+                        attrs={"schema_version": 1})
+        result = run_assay(assay_input_from_dataset(ds), AssayConfig(num_bootstrap=200),
+                           rng=np.random.default_rng(0))
+        s = result.estimate["selection_differential"][0]
+        if not meaningful:
+            assert np.all(result.lower["selection_differential"][0] > 0)   # the interval alone would say "selected"
+            assert np.all(np.abs(s) < SELECTION_FLOOR * result.reference_sd[0])
+        assert result.meaningful_heritability()[0].tolist() == [meaningful] * 3
+        assert bool(result.meaningful_realized_heritability()[0]) is meaningful
