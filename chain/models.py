@@ -147,29 +147,12 @@ def make_tiny_base_model(config: TinyModelConfig = TinyModelConfig(), *, resolut
     from torch's generator seeded with `config.seed` inside a forked RNG state, so the caller's global RNG is
     untouched and the same config always gives the same model.
     """
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = make_tiny_tokenizer()
-    channels = tuple(config.block_out_channels)
-    down = ("DownBlock2D",) * (len(channels) - 1) + ("CrossAttnDownBlock2D",)
-    up = ("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (len(channels) - 1)
-    in_channels = config.latent_channels if config.latent else 3
-    vae_factor = 2 ** (len(config.vae_block_out_channels) - 1) if config.latent else 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        unet = UNet2DConditionModel(
-            sample_size=resolution // vae_factor,
-            in_channels=in_channels,
-            out_channels=in_channels,
-            block_out_channels=channels,
-            layers_per_block=config.layers_per_block,
-            down_block_types=down,
-            up_block_types=up,
-            cross_attention_dim=config.cross_attention_dim,
-            attention_head_dim=config.attention_head_dim,
-            norm_num_groups=config.norm_num_groups,
-        )
+        unet = make_tiny_unet(config, resolution)
         text_config = CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=config.text_hidden_size,
@@ -190,6 +173,30 @@ def make_tiny_base_model(config: TinyModelConfig = TinyModelConfig(), *, resolut
         if module is not None:
             module.eval()
     return BaseModel(unet, text_encoder, tokenizer, dict(SD_SCHEDULER_CONFIG), vae, source="tiny")
+
+
+def make_tiny_unet(config: TinyModelConfig, resolution: int, **kwargs):
+    """The tiny models' random UNet2DConditionModel: attention only in the lowest-resolution block and the mid
+    block (weights from torch's global generator: call it inside a seeded, forked RNG state); `kwargs` are
+    further UNet2DConditionModel arguments (SDXL: its added conditioning)."""
+    from diffusers import UNet2DConditionModel
+
+    channels = tuple(config.block_out_channels)
+    in_channels = config.latent_channels if config.latent else 3
+    vae_factor = 2 ** (len(config.vae_block_out_channels) - 1) if config.latent else 1
+    return UNet2DConditionModel(
+        sample_size=resolution // vae_factor,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=channels,
+        layers_per_block=config.layers_per_block,
+        down_block_types=("DownBlock2D",) * (len(channels) - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (len(channels) - 1),
+        cross_attention_dim=config.cross_attention_dim,
+        attention_head_dim=config.attention_head_dim,
+        norm_num_groups=config.norm_num_groups,
+        **kwargs,
+    )
 
 
 def make_tiny_vae(config: TinyModelConfig, resolution: int, **kwargs):

@@ -31,6 +31,7 @@ from chain.models import (
     SD_SCHEDULER_CONFIG,
     BaseModel,
     make_tiny_tokenizer,
+    make_tiny_unet,
     make_tiny_vae,
 )
 from chain.text import tokenize, unwrap
@@ -99,16 +100,12 @@ def make_tiny_sdxl_model(config: TinyModelConfig = TinyModelConfig(cross_attenti
     pads with '!', as SDXL's), a VAE with SDXL's scaling factor, force_zeros_for_empty_prompt as SDXL base.
     cross_attention_dim must be 2 x text_hidden_size. Weights are drawn from torch's generator seeded with
     `config.seed` in a forked RNG state: the same config always gives the same model."""
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     width = config.text_hidden_size
     if config.cross_attention_dim != 2 * width:
         raise ValueError("tiny SDXL model: cross_attention_dim must be twice text_hidden_size")
     tokenizer, tokenizer_2 = make_tiny_tokenizer(), make_tiny_tokenizer(pad_token="!")
-    channels = tuple(config.block_out_channels)
-    in_channels = config.latent_channels if config.latent else 3
-    vae_factor = 2 ** (len(config.vae_block_out_channels) - 1) if config.latent else 1
 
     def text_config(tok, act: str, **kwargs):
         return CLIPTextConfig(
@@ -120,19 +117,8 @@ def make_tiny_sdxl_model(config: TinyModelConfig = TinyModelConfig(cross_attenti
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        unet = UNet2DConditionModel(
-            sample_size=resolution // vae_factor,
-            in_channels=in_channels,
-            out_channels=in_channels,
-            block_out_channels=channels,
-            layers_per_block=config.layers_per_block,
-            down_block_types=("DownBlock2D",) * (len(channels) - 1) + ("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (len(channels) - 1),
-            cross_attention_dim=config.cross_attention_dim,
-            attention_head_dim=config.attention_head_dim,
-            norm_num_groups=config.norm_num_groups,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
+        unet = make_tiny_unet(
+            config, resolution, use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=config.addition_time_embed_dim,
             projection_class_embeddings_input_dim=6 * config.addition_time_embed_dim + width,
         )

@@ -255,17 +255,22 @@ def known_windows():
 def test_known_truncation_is_recovered_within_narrow_intervals(known_windows, method):
     # 6 windows x (r1, r2) = 12 intervals per estimator; a 95 % interval misses now and then: more than 2
     # misses of 12 has binomial probability 2 %. Coverage itself is measured by the slow test below.
-    res = known_windows
+    assert_windows_recovered(known_windows, method, column=0)
+
+
+def assert_windows_recovered(res, method: str, *, column: int) -> None:
+    """Every window of WINDOWS within 0.05 and an interval narrower than 0.15, at most 2 of 12 intervals
+    missing the truth, and the test calls each a truncation."""
     misses = []
     for c, truth in enumerate(WINDOWS):
         for name, value in zip(("r1", "r2"), truth):
             q = name + method
-            est, lo, hi = res.estimate[q][c, 0], res.lower[q][c, 0], res.upper[q][c, 0]
+            est, lo, hi = res.estimate[q][c, column], res.lower[q][c, column], res.upper[q][c, column]
             if not lo <= value <= hi:
                 misses.append((q, truth, est, lo, hi))
             assert hi - lo < 0.15, (q, truth, lo, hi)
             assert abs(est - value) < 0.05, (q, truth, est)
-        assert res.tests[c][0]["best"] == "truncation"
+        assert res.tests[c][column]["best"] == "truncation"
     assert len(misses) <= 2, misses
 
 
@@ -596,18 +601,7 @@ def known_skewed_windows():
 @pytest.mark.parametrize("method", ["", "_empirical"])
 def test_known_truncation_of_a_skewed_law_is_recovered(known_skewed_windows, method):
     # as test_known_truncation_is_recovered_within_narrow_intervals: at most 2 misses of 12 intervals
-    res = known_skewed_windows
-    misses = []
-    for c, truth in enumerate(WINDOWS):
-        for name, value in zip(("r1", "r2"), truth):
-            q = name + method
-            est, lo, hi = res.estimate[q][c, 1], res.lower[q][c, 1], res.upper[q][c, 1]
-            if not lo <= value <= hi:
-                misses.append((q, truth, est, lo, hi))
-            assert hi - lo < 0.15, (q, truth, lo, hi)
-            assert abs(est - value) < 0.05, (q, truth, est)
-        assert res.tests[c][1]["best"] == "truncation"
-    assert len(misses) <= 2, misses
+    assert_windows_recovered(known_skewed_windows, method, column=1)
 
 
 def _skewed_verdicts(make, seeds=10, n=1000):
