@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_table_shows_the_identifiability_warning(run_dir):
-    result = _invoke(run_dir.parent / "weak.nc", "--starts", "2")
+    result = _invoke(run_dir.parent / "weak.nc", "--starts", "2", "--interval", "laplace")
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert any("r2[cfg7.5]" in line and "indistinguishable from 0" in line for line in lines), result.stdout
