@@ -56,6 +56,7 @@ from fitting.model import (
 )
 from fitting.observations import Observations
 from fitting.optimize import local_minimize
+from qtm.params import PARAM_NAMES
 
 Z95 = 1.959963984540054
 CHI2_HALF = 1.920729410347062   # chi2_1(0.95) / 2
@@ -332,7 +333,13 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
             identified[i] = True   # bounded on both sides: its profile, not the curvature, decides
         if progress is not None:
             progress()
-    return dataclasses.replace(base, method="profile" if indices is None else base.method, lower=lower,
+    if indices is None:
+        method = "profile"
+    else:
+        profiled = {problem.layout.free[i][0] for i in indices}
+        names = ", ".join(n for n in PARAM_NAMES if n in profiled)
+        method = f"{base.method}; profile for {names}"
+    return dataclasses.replace(base, method=method, lower=lower,
                                upper=upper, identified=identified, warnings=tuple(dict.fromkeys(warnings)))
 
 

@@ -106,9 +106,12 @@ def test_free_tail_rate_is_reported_unidentified(obs):
     # (r1, r2, tail_rate) act only through (m_sel, v_sel): one flat direction per condition.
     spec = ModelSpec(selection="soft", free=("r1", "r2", "tail_rate", "mu0", "sigma_g0", "sigma_env"),
                      shared=("mu0", "sigma_g0", "sigma_env", "tail_rate"))
-    result = fit_observations(obs, FitConfig(spec=spec, num_starts=2, num_draws=50), key=jax.random.key(0))
+    result = fit_observations(obs, FitConfig(spec=spec, num_starts=2, num_draws=50, interval="laplace"),
+                              key=jax.random.key(0))
     assert not result.identified[0, IDX["tail_rate"]]
     assert any("not identified" in w for w in result.warnings)
+    # Laplace for the rest, profiles for the selection window: the reported method says both
+    assert result.uncertainty.method == "laplace; profile for r1, r2, tail_rate"
 
 
 def test_model_comparison_of_nested_variants(obs):
