@@ -426,7 +426,7 @@ def config_from_dict(data: dict, *, where: str = "config", base_dir: Path | None
 
 def _sdxl_default_resolution(data: dict) -> dict:
     """SDXL's native size: data.resolution defaults to 1024 when model.kind = "sdxl" (512 otherwise)."""
-    model, table = data.get("model"), data.get("data")
+    model, table = data.get("model"), data.get("data", {})
     if isinstance(model, dict) and model.get("kind") == "sdxl" and isinstance(table, dict) \
             and "resolution" not in table:
         data = {**data, "data": {**table, "resolution": SDXL_RESOLUTION}}

@@ -302,16 +302,27 @@ def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
     write_text_atomic(path, text)
 
 
+def write_tiny_base_model(config: ChainConfig, out_dir: Path) -> Path | None:
+    """model.path = "tiny": build the tiny model into out_dir/base_model/ unless it is there (atomic); the
+    folder, or None for any other model."""
+    from chain.models import make_tiny_model, save_base_model
+
+    if config.model.path != "tiny":
+        return None
+    folder = out_dir / "base_model"
+    if not folder.is_dir():
+        save_base_model(make_tiny_model(config.model.tiny, resolution=config.data.resolution,
+                                        kind=config.model.kind), folder)
+    return folder
+
+
 def resolve_base_model(config: ChainConfig, out_dir: Path):
     """Load M_0 (offline). model.path = "tiny" builds the tiny model once into out_dir/base_model/; "toy" is
     the committed toy base model (chain.toy.toy_base_model_dir)."""
-    from chain.models import ModelConfig, load_base_model, make_tiny_model, save_base_model
+    from chain.models import ModelConfig, load_base_model
 
     if config.model.path == "tiny":
-        folder = out_dir / "base_model"
-        if not folder.is_dir():
-            save_base_model(make_tiny_model(config.model.tiny, resolution=config.data.resolution,
-                                            kind=config.model.kind), folder)
+        folder = write_tiny_base_model(config, out_dir)
         return load_base_model(ModelConfig(path=str(folder), vae=config.model.vae, kind=config.model.kind))
     if config.model.path == "toy":
         from chain.toy import toy_base_model_dir
@@ -515,7 +526,9 @@ def _open_locked(config: ChainConfig, out_dir: Path, selected: tuple[str, ...], 
         )
     is_main = accelerator.is_main_process
     notes: tuple[str, ...] = ()
-    # The shared state, prepared once whichever shard comes first (chain.runlock, the run-wide lock).
+    # The shared state, prepared once whichever shard comes first (chain.runlock, the run-wide lock), in two
+    # short spells: the files (D_0, config, fingerprint, a tiny base model folder), then metrics.nc. Loading
+    # the base model and the encoders, which can take minutes, happens between them, outside the lock.
     with run_folder_lock(out_dir, on_wait=_waiting_note(notify), main=is_main):
         if is_main:
             sweep_run_folder(out_dir, selected)
@@ -532,17 +545,17 @@ def _open_locked(config: ChainConfig, out_dir: Path, selected: tuple[str, ...], 
                 raise RunError(problem, parameters=("out_dir",))
             small = upscale_note(originals.root, originals.names, config.data.resolution)
             notes = tuple(n for n in (input_note, small) if n)
+            if stages is None:
+                write_tiny_base_model(config, out_dir)  # model.path = "tiny": built once into base_model/
         accelerator.wait_for_everyone()
-        log = RunLog(out_dir / "log.jsonl" if is_main else None)
-        progress = progress if progress is not None and is_main else _no_progress
-        if stages is None:
-            with accelerator.main_process_first():  # the main process builds a "tiny" model folder once
-                base = resolve_base_model(config, out_dir)
-            stages = DiffusionStages(base, accelerator, log, progress)
-        measurer = Measurer(config.metrics,
-                            encoder if encoder is not None else build_encoder(config, accelerator.device),
-                            build_clip(config, accelerator.device))
-        accelerator.wait_for_everyone()
+    log = RunLog(out_dir / "log.jsonl" if is_main else None)
+    progress = progress if progress is not None and is_main else _no_progress
+    if stages is None:
+        stages = DiffusionStages(resolve_base_model(config, out_dir), accelerator, log, progress)
+    measurer = Measurer(config.metrics, encoder if encoder is not None else build_encoder(config, accelerator.device),
+                        build_clip(config, accelerator.device))
+    accelerator.wait_for_everyone()
+    with run_folder_lock(out_dir, main=is_main):
         num_images = len(originals) * config.sampling.images_per_prompt
         path = out_dir / METRICS_FILE
         if path.exists():

@@ -37,6 +37,7 @@ from fitting.goodness import quantile_levels
 from qtm.params import PARAM_NAMES
 from qtmio.contract import FIT_SCHEMA_VERSION
 from qtmio.netcdf import write_netcdf
+from qtmio.strict_json import dumps_strict
 from qtmio.provenance import provenance
 
 if TYPE_CHECKING:  # the fit's dataset and tables need no optimizer: `qtm report` draws a fit.nc without it
@@ -167,13 +168,13 @@ def to_dataset(result: FitResult, *, seed: int | None = None, comparison: list[d
     attrs.update(result.config.to_attrs())
     for key, value in result.information.items():
         attrs[f"information_{key}"] = float(value)
-    attrs["warnings"] = json.dumps(list(result.warnings))
-    attrs["goodness_of_fit"] = json.dumps(result.goodness_of_fit)
-    attrs["cell_goodness_of_fit"] = json.dumps(cells.summary)
+    attrs["warnings"] = dumps_strict(list(result.warnings))
+    attrs["goodness_of_fit"] = dumps_strict(result.goodness_of_fit)
+    attrs["cell_goodness_of_fit"] = dumps_strict(cells.summary)
     if result.forecast is not None:
-        attrs["forecast"] = json.dumps(result.forecast)
+        attrs["forecast"] = dumps_strict(result.forecast)
     if comparison is not None:
-        attrs["model_comparison"] = json.dumps(comparison)
+        attrs["model_comparison"] = dumps_strict(comparison)
     ds.attrs.update(attrs)
     return ds
 

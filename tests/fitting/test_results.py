@@ -119,3 +119,19 @@ def test_markdown_table_by_hand():
         "Warnings of the fit:\n"
         "\n"
         "- r1[b] is not identified\n")
+
+
+def test_dataset_attributes_are_strict_json_with_an_infinite_aic(result):
+    """A comparison row of a transform outside the data's domain has aic = inf and weight NaN: the fit.nc
+    attribute holds strict JSON ("inf", null), as every command's output does."""
+    rows = [{"model": "hard", "transform": "logit", "status": "outside domain", "aic": math.inf,
+             "weight": math.nan}]
+    ds = to_dataset(result, comparison=rows)
+
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    for key in ("model_comparison", "warnings", "goodness_of_fit", "cell_goodness_of_fit", "forecast"):
+        json.loads(ds.attrs[key], parse_constant=refuse)
+    row = json.loads(ds.attrs["model_comparison"])[0]
+    assert row["aic"] == "inf" and row["weight"] is None
