@@ -256,7 +256,28 @@ def find_cell(run_dir: str | os.PathLike, condition: str, iteration: int) -> Exp
     if not (lora_dir / LORA_WEIGHTS_NAME).is_file():
         raise ExportError(f"{lora_dir / LORA_WEIGHTS_NAME} is missing although the cell is finished: the run "
                           "folder is damaged; rerun the cell (see docs/results-contract.md)")
+    if made_from_sdxl(config, run_dir):
+        raise ExportError(f"{run_dir} was made from an SDXL base model; `qtm chain export` writes Stable "
+                          "Diffusion 1.x pipelines only (docs/export.md): load its LoRA files "
+                          f"({lora_dir}) into StableDiffusionXLPipeline instead")
     return ExportSource(run_dir, config, chosen, iteration, lora_dir)
+
+
+def made_from_sdxl(config: ChainConfig, run_dir: Path) -> bool:
+    """Whether the run's base model is SDXL, from the config and the model's model_index.json (no weights
+    are loaded; a model that cannot be found is left to the loader to report)."""
+    from chain.errors import ModelLoadError
+    from chain.models import _model_index, is_sdxl_source
+
+    if config.model.kind == "sdxl":
+        return True
+    if config.model.path == "toy":
+        return False
+    source = str(run_dir / "base_model") if config.model.path == "tiny" else config.model.path
+    try:
+        return is_sdxl_source(source, _model_index(source))
+    except ModelLoadError:
+        return False
 
 
 def check_out(out: str | os.PathLike) -> Path:
@@ -315,10 +336,6 @@ def export_model(run_dir: str | os.PathLike, condition: str, iteration: int, out
         format=data.format, center_crop=data.center_crop, max_images=data.max_images,
     )
     base = resolve_base_model(config, source.run_dir)
-    if base.is_sdxl:
-        raise ExportError(f"{source.run_dir} was made from an SDXL base model; `qtm chain export` writes Stable "
-                          "Diffusion 1.x pipelines only (docs/export.md): load its LoRA files "
-                          f"({source.lora_dir}) into StableDiffusionXLPipeline instead")
     sigmas = sampling_scheduler(base.scheduler_config, config.sampling.num_steps, "cpu").sigmas.tolist()
     unet_lora, te_lora = read_lora(source.lora_dir)
     kohya_name = kohya_file_name(source.run_dir, condition, iteration)

@@ -324,3 +324,23 @@ def test_the_recipe_keeps_the_chains_noise_schedule(exported, tmp_path):
     want = sampling_scheduler(config, 4, "cpu").timesteps
     assert torch.equal(pipe.scheduler.timesteps, want)
     assert not torch.equal(sampling_scheduler(dict(config, steps_offset=1), 4, "cpu").timesteps, want)
+
+
+def test_sdxl_runs_are_recognised_without_loading_weights(tmp_path):
+    """An SDXL run is refused before any model is loaded: by its config's model.kind, or by the tiny
+    base_model/ folder's model_index.json when the kind is "auto"; the toy and SD tiny models are not SDXL."""
+    import dataclasses
+
+    from chain.config import load_config
+    from chain.export import made_from_sdxl
+    from chain.models import save_base_model
+    from chain.sdxl import make_tiny_sdxl_model
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    xl = load_config(examples / "tiny_sdxl_cpu.toml")
+    assert made_from_sdxl(xl, tmp_path)                                     # model.kind = "sdxl"
+    auto = dataclasses.replace(xl, model=dataclasses.replace(xl.model, kind="auto"))
+    save_base_model(make_tiny_sdxl_model(xl.model.tiny, resolution=xl.data.resolution), tmp_path / "base_model")
+    assert made_from_sdxl(auto, tmp_path)                                   # from base_model/model_index.json
+    sd = load_config(examples / "tiny_cpu.toml")
+    assert not made_from_sdxl(sd, tmp_path / "elsewhere")                   # no base_model/: the loader says
