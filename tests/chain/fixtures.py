@@ -104,3 +104,21 @@ class SeededStage:
             os.kill(os.getpid(), signal.SIGKILL)
         shape = job.train_images.shape[1:]
         return torch.stack([torch.rand(shape, generator=make_generator(s + 1)) ** scale for s in job.seeds[:count]])
+
+
+def install_in_hub_cache(model, repo_id: str, tmp_path: Path, monkeypatch) -> None:
+    """Save `model` in the Hugging Face cache layout (models--org--name/snapshots/<rev>/, refs/main) under
+    tmp_path/hub, point the hub at that cache and work from tmp_path, where `repo_id` is not a folder."""
+    import huggingface_hub.constants as hub_constants
+
+    from chain.models import save_base_model
+
+    cache = tmp_path / "hub"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    save_base_model(model, repo / "snapshots" / rev)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)

@@ -8,6 +8,7 @@ import torch
 
 from chain.config import ModelConfig, TinyModelConfig
 from chain.models import ModelLoadError, load_base_model, make_tiny_base_model, save_base_model, weights_digest
+from tests.chain.fixtures import install_in_hub_cache
 
 
 @pytest.mark.parametrize("latent", [True, False])
@@ -34,18 +35,8 @@ def test_external_vae(tmp_path):
 
 def test_hf_cache_id_offline(tmp_path, monkeypatch):
     """A model in the HF cache layout (models--org--name/snapshots/<rev>/, refs/main) loads by its id."""
-    import huggingface_hub.constants as hub_constants
-
     model = make_tiny_base_model(TinyModelConfig(latent=True), resolution=16)
-    cache = tmp_path / "hub"
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / "models--tiny-org--tiny-sd"
-    save_base_model(model, repo / "snapshots" / rev)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.chdir(tmp_path)  # "tiny-org/tiny-sd" is not a folder here
+    install_in_hub_cache(model, "tiny-org/tiny-sd", tmp_path, monkeypatch)  # "tiny-org/tiny-sd" is not a folder here
     try:
         loaded = load_base_model("tiny-org/tiny-sd")
     except ModelLoadError as exc:  # pragma: no cover - depends on the libraries reading the patched cache

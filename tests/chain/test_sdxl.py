@@ -24,6 +24,7 @@ from chain.lora import (
 from chain.models import ModelLoadError, load_base_model, save_base_model, weights_digest
 from chain.sampling import generate, make_generator, sample_latents
 from chain.sdxl import encode_prompts_sdxl, make_tiny_sdxl_model, time_ids, unconditional_sdxl
+from tests.chain.fixtures import install_in_hub_cache
 
 PROMPTS = ["a red square", "a blue disc", "a green stripe"]
 TINY = TinyModelConfig(cross_attention_dim=64, text_hidden_size=32, text_layers=3, seed=4)
@@ -402,16 +403,6 @@ def test_preflight_refuses_clip_skip_1_for_an_sdxl_folder(tmp_path, model):
 
 def test_hf_cache_id_offline(tmp_path, monkeypatch, model):
     """An SDXL model in the HF cache layout loads by its id and is recognised as SDXL."""
-    import huggingface_hub.constants as hub_constants
-
-    cache = tmp_path / "hub"
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / "models--tiny-org--tiny-sdxl"
-    save_base_model(model, repo / "snapshots" / rev)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.chdir(tmp_path)
+    install_in_hub_cache(model, "tiny-org/tiny-sdxl", tmp_path, monkeypatch)
     loaded = load_base_model("tiny-org/tiny-sdxl")
     assert loaded.is_sdxl and weights_digest(loaded.text_encoder_2) == weights_digest(model.text_encoder_2)
