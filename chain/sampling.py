@@ -20,13 +20,20 @@ those of the plain module up to float32 rounding (tests check it).
 
 One CPU torch.Generator per image (seeded by `image_seed`) draws that image's initial and ancestral noise,
 so an image does not depend on the batch it is generated in.
+
+On a CPU, `generate` runs its batches on as many worker threads as torch has intra-op threads, each batch
+with one intra-op thread (`cpu_workers`): the toy world's 32 x 32 convolutions are too small to keep two
+cores busy from inside one operator, two batches side by side do (benchmarks/RESULTS.md, "Toy loop"). The
+batches themselves, and so every image, are the same as with one worker; only their order in time changes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import threading
 
 import numpy as np
 import torch
@@ -188,6 +195,27 @@ class GenerationResult:
     scales: np.ndarray  # (T,)
 
 
+def cpu_workers(device, num_batches: int, requested: int | None = None) -> int:
+    """How many batches `generate` runs side by side: `requested` if given, else on a CPU torch's intra-op
+    thread count (torch.get_num_threads(), one core each), on an accelerator 1; never more than the batches."""
+    if requested is None:
+        requested = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    if requested < 1:
+        raise ValueError(f"generate: workers must be >= 1, got {requested}")
+    return max(1, min(requested, num_batches))
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """torch's intra-op thread count set to `n` within the block and restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def generate(
     model: BaseModel,
     prompts: list[str],
@@ -201,11 +229,15 @@ def generate(
     on_batch=None,
     unconditional: bool = True,
     fast: bool = True,
+    workers: int | None = None,
 ) -> GenerationResult:
     """One image per (prompt, seed) pair, in batches of `batch_size`; prompts embedded with CLIP skip, the
     unconditional embedding is that of "" through the same (finetuned) text encoder (SDXL: chain.sdxl, with
     the added conditioning of the resolution and zeros under force_zeros_for_empty_prompt). unconditional=False:
-    conditional pass only (see sample_latents). fast=False: the UNet as given, without `inference_layout`."""
+    conditional pass only (see sample_latents). fast=False: the UNet as given, without `inference_layout`.
+    workers: batches run side by side, each with one intra-op thread (default `cpu_workers`: on a CPU one per
+    torch thread; 1 on an accelerator); the batches and the images are the same for any number of workers.
+    `on_batch(n)` is called once per finished batch of n images, from one thread at a time."""
     if len(prompts) != len(seeds):
         raise ValueError("generate: one seed per prompt")
     side = resolution // model.vae_scale_factor
@@ -214,12 +246,12 @@ def generate(
         return GenerationResult(torch.zeros(0, 3, resolution, resolution), torch.zeros(0, *latent_shape),
                                 torch.zeros(0, num_steps, dtype=torch.float64), np.full(num_steps, np.nan))
     encode = _prompt_encoder(model, clip_skip, resolution)
-    uncond, uncond_added = encode(None)
-    images, latents, norms = [], [], []
-    scales = np.zeros(num_steps)
-    layout = inference_layout(model.unet) if fast else contextlib.nullcontext(model.unet)
-    with torch.no_grad(), layout as unet:
-        for start in range(0, len(prompts), batch_size):
+    starts = list(range(0, len(prompts), batch_size))
+    n_workers = cpu_workers(next(model.unet.parameters()).device, len(starts), workers)
+    report = threading.Lock()
+
+    def one_batch(unet, uncond, uncond_added, start):
+        with torch.no_grad():  # grad mode is per thread
             chunk = prompts[start : start + batch_size]
             cond, cond_added = encode(chunk)
             gens = [make_generator(s) for s in seeds[start : start + batch_size]]
@@ -228,13 +260,23 @@ def generate(
                 num_steps=num_steps, latent_shape=latent_shape, generator=gens, unconditional=unconditional,
                 cond_added=cond_added, uncond_added=uncond_added,
             )
-            images.append(decode(model, result.latents))
-            latents.append(result.latents)
-            norms.append(result.guidance_diff_norm)
-            scales = result.scales
-            if on_batch is not None:
+            images = decode(model, result.latents)
+        if on_batch is not None:
+            with report:
                 on_batch(len(chunk))
-    return GenerationResult(torch.cat(images), torch.cat(latents), torch.cat(norms), scales)
+        return images, result
+
+    layout = inference_layout(model.unet) if fast else contextlib.nullcontext(model.unet)
+    threads = _intra_op_threads(1) if n_workers > 1 else contextlib.nullcontext()
+    with torch.no_grad(), layout as unet, threads:
+        uncond, uncond_added = encode(None)
+        if n_workers == 1:
+            done = [one_batch(unet, uncond, uncond_added, start) for start in starts]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(n_workers, thread_name_prefix="qtm-generate") as pool:
+                done = list(pool.map(lambda start: one_batch(unet, uncond, uncond_added, start), starts))
+    return GenerationResult(torch.cat([d[0] for d in done]), torch.cat([d[1].latents for d in done]),
+                            torch.cat([d[1].guidance_diff_norm for d in done]), done[-1][1].scales)
 
 
 def _prompt_encoder(model: BaseModel, clip_skip: int, resolution: int):

@@ -168,3 +168,28 @@ def test_conditional_pass_only_equals_cfg_at_scale_one(latent):
     # at another scale the two differ at O(1): the test above can fail
     cfg3 = generate(model, PROMPTS, seeds, Constant(3.0), **kw)
     assert (cfg3.latents - cond.latents).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("latent", [True, False])
+def test_worker_threads_give_the_same_batches_and_images(latent):
+    """Batches run side by side on worker threads (one intra-op thread each) give the images, latents and gap
+    norms of one worker, in the prompts' order; torch's thread count is restored; on_batch sees every image."""
+    from chain.sampling import cpu_workers
+
+    model = _model_with_lora(latent)
+    prompts = PROMPTS * 3
+    seeds = [image_seed(0, "c", 1, i) for i in range(len(prompts))]
+    kw = dict(num_steps=3, resolution=16, clip_skip=2, batch_size=2)
+    one = generate(model, prompts, seeds, Constant(5.0), workers=1, **kw)
+    threads = torch.get_num_threads()
+    seen = []
+    three = generate(model, prompts, seeds, Constant(5.0), workers=3, on_batch=seen.append, **kw)
+    assert torch.get_num_threads() == threads
+    assert sorted(seen) == [1, 2, 2, 2, 2] and sum(seen) == len(prompts)
+    torch.testing.assert_close(three.images, one.images, rtol=0, atol=1e-6)
+    torch.testing.assert_close(three.latents, one.latents, rtol=0, atol=1e-6)
+    torch.testing.assert_close(three.guidance_diff_norm, one.guidance_diff_norm, rtol=1e-6, atol=0)
+    assert cpu_workers("cpu", 5, 3) == 3 and cpu_workers("cpu", 2, 8) == 2 and cpu_workers("cuda", 5) == 1
+    assert cpu_workers("cpu", 5) == min(5, torch.get_num_threads())
+    with pytest.raises(ValueError, match="workers"):
+        cpu_workers("cpu", 5, 0)
