@@ -39,7 +39,7 @@ class DemoSettings:
     unet_lr: float = 1e-3
     text_encoder_lr: float = 5e-4
     batch_size: int = 6
-    sampling_batch_size: int = 48
+    sampling_batch_size: int = 24  # two batches per iteration: one per core (chain.sampling.cpu_workers)
     low_cfg: float = 1.0
     high_cfg: float = 7.5
     redifine_alpha: float = 2.0
@@ -47,7 +47,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(num_images=24, num_iterations=2, num_steps=15, epochs=2)
+        return cls(num_images=24, num_iterations=2, num_steps=15, epochs=2, sampling_batch_size=12)
 
 
 def demo_config(data_dir: Path, settings: DemoSettings, *, seed: int):

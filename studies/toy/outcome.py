@@ -93,6 +93,31 @@ def _interval(entry: dict | None, fmt: str = ".2f") -> str:
     return _num(entry["estimate"], fmt) + bounds
 
 
+def window_side_by_side(fit: dict, assay: dict) -> list[dict]:
+    """Per condition: the fit's r1, r2 (one window for all iterations, with its 95 % interval) beside the
+    assay's (one window per iteration k >= 1: their mean and range), the assay's preferred change per iteration
+    (truncation / shift / scale / none, counted) and its realized heritability."""
+    rows = []
+    for name, params in fit["conditions"].items():
+        entry = assay["conditions"].get(name)
+        row = {"condition": name, "fit_r1": params.get("r1"), "fit_r2": params.get("r2")}
+        if entry is not None:
+            for side in ("r1", "r2"):
+                values = [it[side]["estimate"] for it in entry["iterations"] if it.get(side)
+                          and it[side].get("estimate") is not None]
+                row[f"assay_{side}"] = (float(np.mean(values)), float(np.min(values)), float(np.max(values))) \
+                    if values else None
+            best = [it.get("truncation_test", {}).get("best", "-") for it in entry["iterations"]]
+            row["assay_change"] = ", ".join(f"{b} {best.count(b)}" for b in dict.fromkeys(best))
+            row["realized_heritability"] = entry.get("realized_heritability")
+        rows.append(row)
+    return rows
+
+
+def _mean_range(value) -> str:
+    return "-" if value is None else f"{value[0]:.3f} ({value[1]:.3f}-{value[2]:.3f})"
+
+
 def markdown_tables(metrics: xr.Dataset, fit: dict | None, assay: dict | None) -> str:
     rows = collapse_table(metrics)
     out = ["| condition | guidance | iterations done | FD_1 | FD_K | collapse rate (FD, Eq. 3) | hf_power 0 / 1 / K "
@@ -119,6 +144,17 @@ def markdown_tables(metrics: xr.Dataset, fit: dict | None, assay: dict | None) -
         out.append("")
         out.append("Shared: " + ", ".join(f"{k} {_interval(v, '.3f')}" for k, v in shared.items()
                                           if isinstance(v, dict)))
+    if fit is not None and assay is not None:
+        out += ["", "Selection window, fit against assay (assay: mean over iterations 1-K and range):", "",
+                "| condition | r1 fit [95 %] | r1 assay | r2 fit [95 %] | r2 assay | assay's preferred change "
+                "(iterations) | realized h2 [95 %] |", "|---|---|---|---|---|---|---|"]
+        for r in window_side_by_side(fit, assay):
+            realized = r.get("realized_heritability")
+            h2 = _interval(realized) if isinstance(realized, dict) and realized.get("meaningful", True) else \
+                "not meaningful (S below the floor)"
+            out.append(f"| {r['condition']} | {_interval(r['fit_r1'], '.3f')} | {_mean_range(r.get('assay_r1'))} | "
+                       f"{_interval(r['fit_r2'], '.3f')} | {_mean_range(r.get('assay_r2'))} | "
+                       f"{r.get('assay_change', '-')} | {h2} |")
     if assay is not None:
         out += ["", "Selection assay (`qtm assay`), per iteration, 95 % bootstrap intervals:", "",
                 "| condition | k | r1 | r2 | S | R | h2 | test |", "|---|---|---|---|---|---|---|---|"]
