@@ -114,6 +114,13 @@ def window_side_by_side(fit: dict, assay: dict) -> list[dict]:
     return rows
 
 
+def _heritability(entry: dict | None) -> str:
+    """h2 with its interval, or 'n.m.' where the assay marks it not meaningful (S below the floor)."""
+    if isinstance(entry, dict) and entry.get("meaningful") is False:
+        return "n.m."
+    return _interval(entry)
+
+
 def _mean_range(value) -> str:
     return "-" if value is None else f"{value[0]:.3f} ({value[1]:.3f}-{value[2]:.3f})"
 
@@ -150,8 +157,7 @@ def markdown_tables(metrics: xr.Dataset, fit: dict | None, assay: dict | None) -
                 "(iterations) | realized h2 [95 %] |", "|---|---|---|---|---|---|---|"]
         for r in window_side_by_side(fit, assay):
             realized = r.get("realized_heritability")
-            h2 = _interval(realized) if isinstance(realized, dict) and realized.get("meaningful", True) else \
-                "not meaningful (S below the floor)"
+            h2 = _heritability(realized)
             out.append(f"| {r['condition']} | {_interval(r['fit_r1'], '.3f')} | {_mean_range(r.get('assay_r1'))} | "
                        f"{_interval(r['fit_r2'], '.3f')} | {_mean_range(r.get('assay_r2'))} | "
                        f"{r.get('assay_change', '-')} | {h2} |")
@@ -163,10 +169,10 @@ def markdown_tables(metrics: xr.Dataset, fit: dict | None, assay: dict | None) -
                 test = it.get("truncation_test", {}).get("best", "-")
                 out.append(f"| {name} | {it['iteration']} | {_interval(it.get('r1'))} | {_interval(it.get('r2'))} | "
                            f"{_interval(it.get('selection_differential'), '.3f')} | "
-                           f"{_interval(it.get('response'), '.3f')} | {_interval(it.get('heritability'))} | {test} |")
+                           f"{_interval(it.get('response'), '.3f')} | {_heritability(it.get('heritability'))} | {test} |")
             realized = entry.get("realized_heritability")
             if isinstance(realized, dict):
-                out.append(f"| {name} | all | | | | | realized (cumulative): {_interval(realized)} | |")
+                out.append(f"| {name} | all | | | | | realized (cumulative): {_heritability(realized)} | |")
     return "\n".join(out)
 
 
