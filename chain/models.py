@@ -86,7 +86,9 @@ class BaseModel:
 
     @property
     def max_token_length(self) -> int:
-        return int(min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings))
+        from chain.text import token_length
+
+        return token_length(self.tokenizer, self.text_encoder)
 
     def copy(self) -> "BaseModel":
         """A deep copy (weights included): finetuning always starts from a pristine M_0."""

@@ -34,15 +34,10 @@ from chain.models import (
     make_tiny_unet,
     make_tiny_vae,
 )
-from chain.text import tokenize, unwrap
+from chain.text import token_length, tokenize, unwrap
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 SDXL_VAE_SCALING_FACTOR = 0.13025  # SDXL's VAE (stabilityai/stable-diffusion-xl-base-1.0, vae/config.json)
-
-
-def token_length(tokenizer, text_encoder) -> int:
-    """Tokens per prompt: the tokenizer's length, at most the encoder's positions (77 for CLIP)."""
-    return int(min(tokenizer.model_max_length, unwrap(text_encoder).config.max_position_embeddings))
 
 
 def tokenize_sdxl(model: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
