@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import threading
 
@@ -248,9 +249,11 @@ def generate(
     encode = _prompt_encoder(model, clip_skip, resolution)
     starts = list(range(0, len(prompts), batch_size))
     n_workers = cpu_workers(next(model.unet.parameters()).device, len(starts), workers)
+    with torch.no_grad():
+        uncond, uncond_added = encode(None)
     report = threading.Lock()
 
-    def one_batch(unet, uncond, uncond_added, start):
+    def one_batch(unet, start):
         with torch.no_grad():  # grad mode is per thread
             chunk = prompts[start : start + batch_size]
             cond, cond_added = encode(chunk)
@@ -269,12 +272,11 @@ def generate(
     layout = inference_layout(model.unet) if fast else contextlib.nullcontext(model.unet)
     threads = _intra_op_threads(1) if n_workers > 1 else contextlib.nullcontext()
     with torch.no_grad(), layout as unet, threads:
-        uncond, uncond_added = encode(None)
         if n_workers == 1:
-            done = [one_batch(unet, uncond, uncond_added, start) for start in starts]
+            done = [one_batch(unet, start) for start in starts]
         else:
             with concurrent.futures.ThreadPoolExecutor(n_workers, thread_name_prefix="qtm-generate") as pool:
-                done = list(pool.map(lambda start: one_batch(unet, uncond, uncond_added, start), starts))
+                done = list(pool.map(functools.partial(one_batch, unet), starts))
     return GenerationResult(torch.cat([d[0] for d in done]), torch.cat([d[1].latents for d in done]),
                             torch.cat([d[1].guidance_diff_norm for d in done]), done[-1][1].scales)
 
