@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from chain.constraints import field_problems, show_value, spec
+from chain.constraints import field_problems, show_value, spec, toml_value
 from chain.errors import ConfigError
 from chain.guidance import SCHEDULES, schedule_fields, schedule_to_table
 
@@ -568,25 +568,6 @@ def config_to_dict(config: ChainConfig) -> dict:
     return doc
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def dumps_toml(doc: dict) -> str:
     """A small TOML writer for config documents: scalars, lists of scalars, tables, arrays of tables."""
     lines: list[str] = []
@@ -597,7 +578,7 @@ def dumps_toml(doc: dict) -> str:
             lines.append("")
             lines.append(header)
         for k, v in scalars.items():
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{k} = {toml_value(v)}")
         for k, v in obj.items():
             sub = f"{name}.{k}" if name else k
             if isinstance(v, dict):

@@ -68,16 +68,31 @@ def _num(x: float | None) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def _show(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A value as a TOML config file spells it (the config writer's and the error messages' one spelling)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, int):
+        return str(value)
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else ("inf" if value == math.inf else ("-inf" if value == -math.inf else repr(value)))
-    return repr(value)
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _show(value: Any) -> str:
+    try:
+        return toml_value(value)
+    except TypeError:
+        return repr(value)
 
 
 def _scalar_ok(value: Any, check: Check) -> bool:

@@ -268,12 +268,13 @@ def made_from_sdxl(config: ChainConfig, run_dir: Path) -> bool:
     are loaded; a model that cannot be found is left to the loader to report)."""
     from chain.errors import ModelLoadError
     from chain.models import _model_index, is_sdxl_source
+    from chain.run import tiny_base_model_folder
 
     if config.model.kind == "sdxl":
         return True
     if config.model.path == "toy":
         return False
-    source = str(run_dir / "base_model") if config.model.path == "tiny" else config.model.path
+    source = str(tiny_base_model_folder(run_dir)) if config.model.path == "tiny" else config.model.path
     try:
         return is_sdxl_source(source, _model_index(source))
     except ModelLoadError:

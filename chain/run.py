@@ -289,7 +289,7 @@ def reference_set(stages, job: IterationJob, out_dir: Path, *, is_main: bool) ->
 def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
     path = out_dir / "config.toml"
     text = config_to_toml(config)
-    produced = (out_dir / METRICS_FILE).exists() or (out_dir / "base_model").exists()
+    produced = (out_dir / METRICS_FILE).exists() or tiny_base_model_folder(out_dir).exists()
     if path.exists() and produced:  # before anything is produced a corrected config simply replaces it
         from chain.resume import config_change_problem
 
@@ -302,6 +302,14 @@ def _check_or_write_config(config: ChainConfig, out_dir: Path) -> None:
     write_text_atomic(path, text)
 
 
+TINY_BASE_MODEL = "base_model"   # the run folder's copy of a model.path = "tiny" base model
+
+
+def tiny_base_model_folder(out_dir: Path) -> Path:
+    """Where a run folder keeps the tiny base model it built (model.path = "tiny")."""
+    return Path(out_dir) / TINY_BASE_MODEL
+
+
 def write_tiny_base_model(config: ChainConfig, out_dir: Path) -> Path | None:
     """model.path = "tiny": build the tiny model into out_dir/base_model/ unless it is there (atomic); the
     folder, or None for any other model."""
@@ -309,7 +317,7 @@ def write_tiny_base_model(config: ChainConfig, out_dir: Path) -> Path | None:
 
     if config.model.path != "tiny":
         return None
-    folder = out_dir / "base_model"
+    folder = tiny_base_model_folder(out_dir)
     if not folder.is_dir():
         save_base_model(make_tiny_model(config.model.tiny, resolution=config.data.resolution,
                                         kind=config.model.kind), folder)

@@ -36,7 +36,7 @@ import numpy as np
 import scipy.special
 import scipy.stats
 
-from fitting.observations import Observations, _unique_cells
+from fitting.observations import Observations, distinct_samples
 
 MIN_SHAPE_IMAGES = 8       # the closed-form p-value of the Anderson-Darling test holds for n >= 8
 CELL_LEVEL = 0.01          # a cell fails a test at p < 0.01
@@ -145,18 +145,11 @@ def cell_goodness_of_fit(values: np.ndarray | None, observed: dict[str, np.ndarr
                 a2[c, k], pa[c, k] = anderson_darling_normal(values[c, k])
     counted = np.zeros(shape, dtype=bool)
     used = set(int(k) for k in np.asarray(iterations).tolist())
-    seen: list = []
+    first = set(distinct_samples(n[:, 0], observed["mean"][:, 0], observed["var"][:, 0])) if shape[1] else set()
     for c in range(shape[0]):
         for k in range(shape[1]):
-            if k not in used or n[c, k] <= 0:
-                continue
-            if k == 0:
-                stats = _unique_cells(n[c:c + 1, 0], observed["mean"][c:c + 1, 0], observed["var"][c:c + 1, 0])
-                if not stats or any(stats[0][0] == s[0] and np.isclose(stats[0][1], s[1], rtol=1e-12, atol=0)
-                                    for s in seen):
-                    continue
-                seen.append(stats[0])
-            counted[c, k] = True
+            if k in used and n[c, k] > 0 and (k > 0 or c in first):
+                counted[c, k] = True
     summary, problems = {}, []
     for label, p, what in (("shape", pa, "reject the normal shape (Anderson-Darling)"),
                            ("mean", pz, "have a mean off the fitted trajectory")):

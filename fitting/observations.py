@@ -148,16 +148,28 @@ def cell_statistics(obs: Observations) -> CellStatistics:
     )
 
 
-def _unique_cells(n: np.ndarray, mean: np.ndarray, var: np.ndarray) -> list[tuple[float, float, float]]:
+def distinct_samples(n: np.ndarray, mean: np.ndarray, var: np.ndarray) -> list[int]:
+    """The rows (conditions) of one iteration's (n, mean, var) whose sample is the first of its kind: the rule
+    by which iteration 0 enters the likelihood, the Jacobian and the goodness of fit once. Two rows hold the
+    same sample when n, mean and variance agree (to 1e-12 relative; a one-image cell has variance 0); rows
+    with no image hold none."""
     seen: list[tuple[float, float, float]] = []
-    for nc, mc, vc in zip(n.tolist(), mean.tolist(), var.tolist()):
+    rows = []
+    for row, (nc, mc, vc) in enumerate(zip(np.asarray(n).tolist(), np.asarray(mean).tolist(),
+                                           np.asarray(var).tolist())):
         if nc <= 0:
             continue
         vc = 0.0 if nc < 2 else vc
         if not any(nc == a and np.isclose(mc, b, rtol=1e-12, atol=0) and np.isclose(vc, c, rtol=1e-12, atol=0)
                    for a, b, c in seen):
             seen.append((nc, mc, vc))
-    return seen
+            rows.append(row)
+    return rows
+
+
+def _unique_cells(n: np.ndarray, mean: np.ndarray, var: np.ndarray) -> list[tuple[float, float, float]]:
+    """(n, mean, var) of each distinct sample (`distinct_samples`)."""
+    return [(float(n[r]), float(mean[r]), 0.0 if n[r] < 2 else float(var[r])) for r in distinct_samples(n, mean, var)]
 
 
 def _pool(groups: list[tuple[float, float, float]]) -> tuple[float, float, float]:

@@ -32,7 +32,7 @@ import dataclasses
 import numpy as np
 
 from fitting.errors import ObservationError
-from fitting.observations import Observations, _unique_cells, from_phenotypes
+from fitting.observations import Observations, distinct_samples, from_phenotypes
 from qtmio.contract import PHENOTYPE
 
 
@@ -151,23 +151,17 @@ def transform_observations(obs: Observations, name: str) -> Observations:
 def log_jacobian(obs: Observations, name: str) -> float:
     """sum of log|T'(x_i)| over the images of `obs` (measured scale) that enter the likelihood (module
     docstring): all images of iterations >= 1, iteration 0 once per distinct D_0 sample, one value of a cell
-    whose values are all identical. 0 for the identity (also for summary-only data)."""
+    whose values are all identical. 0 for the identity (also for summary-only data). `obs` must lie in T's
+    domain: `transform_observations` checks it (with a clear error) and comes first."""
     transform = get_transform(name)
     if transform.name == "none" or obs.phenotypes is None:
         return 0.0
-    y = transform_observations(obs, name)
     total = 0.0
     for j, iteration in enumerate(obs.iterations.tolist()):
         rows = range(obs.num_conditions)
         if iteration == 0:
-            seen: list = []
-            keep = []
-            for c in rows:
-                stats = _unique_cells(y.num_images[c:c + 1, j], y.mean[c:c + 1, j], y.var[c:c + 1, j])
-                if stats and not any(_same(stats[0], s) for s in seen):
-                    seen.append(stats[0])
-                    keep.append(c)
-            rows = keep
+            # T is one-to-one: samples are the same on either scale
+            rows = distinct_samples(obs.num_images[:, j], obs.mean[:, j], obs.var[:, j])
         for c in rows:
             x = obs.phenotypes[c, j][np.isfinite(obs.phenotypes[c, j])]
             if x.size == 0:
@@ -176,8 +170,3 @@ def log_jacobian(obs: Observations, name: str) -> float:
                 x = x[:1]
             total += float(np.sum(transform.log_abs_jacobian(x)))
     return total
-
-
-def _same(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
-    return a[0] == b[0] and bool(np.isclose(a[1], b[1], rtol=1e-12, atol=0)) and bool(
-        np.isclose(a[2], b[2], rtol=1e-12, atol=0))

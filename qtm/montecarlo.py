@@ -200,6 +200,36 @@ def _check_sizes(params: TraitParams, num_iterations: int, population: int, repl
                          "increase population")
 
 
+def _chain(params, mu0, vg0, keys, *, population, return_individuals, ddof, hard):
+    """One chain from the state (mu0, V_G,0), iteration t drawing with keys[t] (K+1 keys): means,
+    V_G, realized S and response (K+1,), and the individuals (K+1, N) when asked for."""
+    num_iterations = keys.shape[0] - 1
+
+    def body(state, key_t):
+        new_state, differential, individuals = _iteration(state[0], state[1], params, key_t, population, ddof,
+                                                          hard, return_individuals)
+        return new_state, (state, differential, individuals)
+
+    final, (states, differential, individuals) = jax.lax.scan(body, (mu0, vg0), keys[:num_iterations])
+    means = jnp.concatenate([states[0], final[0][None]])
+    var_genetic = jnp.concatenate([states[1], final[1][None]])
+    nan = jnp.full((1,), jnp.nan)
+    differential = jnp.concatenate([differential, nan])
+    response = jnp.concatenate([jnp.diff(means), nan])
+    if not return_individuals:
+        return means, var_genetic, differential, response, None, None
+    _, _, last = _iteration(final[0], final[1], params, keys[num_iterations], population, ddof, hard, True)
+    if num_iterations == 0:
+        return means, var_genetic, differential, response, last[0][None], last[1][None]
+    return (means, var_genetic, differential, response, jnp.concatenate([individuals[0], last[0][None]]),
+            jnp.concatenate([individuals[1], last[1][None]]))
+
+
+def _iteration_keys(key, first: int, last: int):
+    """fold_in(key, t) for t = first .. last."""
+    return jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(first, last + 1))
+
+
 @functools.partial(jax.jit, static_argnames=("num_iterations", "population", "replicates",
                                              "return_individuals", "ddof", "hard"))
 def _simulate(params, key, *, num_iterations, population, replicates, return_individuals, ddof, hard):
@@ -209,26 +239,8 @@ def _simulate(params, key, *, num_iterations, population, replicates, return_ind
     var_env = jnp.square(jnp.asarray(params.sigma_env, jnp.float64))
 
     def one_replicate(rep_key):
-        def body(state, t):
-            new_state, differential, individuals = _iteration(
-                state[0], state[1], params, jax.random.fold_in(rep_key, t), population, ddof, hard,
-                return_individuals)
-            return new_state, (state, differential, individuals)
-
-        final, (states, differential, individuals) = jax.lax.scan(body, (mu0, vg0),
-                                                                  jnp.arange(num_iterations))
-        means = jnp.concatenate([states[0], final[0][None]])
-        var_genetic = jnp.concatenate([states[1], final[1][None]])
-        nan = jnp.full((1,), jnp.nan)
-        differential = jnp.concatenate([differential, nan])
-        response = jnp.concatenate([jnp.diff(means), nan])
-        if not return_individuals:
-            return means, var_genetic, differential, response, None, None
-        _, _, last = _iteration(final[0], final[1], params, jax.random.fold_in(rep_key, num_iterations),
-                                population, ddof, hard, True)
-        phen = jnp.concatenate([individuals[0], last[0][None]])
-        gen = jnp.concatenate([individuals[1], last[1][None]])
-        return means, var_genetic, differential, response, phen, gen
+        return _chain(params, mu0, vg0, _iteration_keys(rep_key, 0, num_iterations), population=population,
+                      return_individuals=return_individuals, ddof=ddof, hard=hard)
 
     means, var_genetic, differential, response, phen, gen = jax.vmap(one_replicate)(keys)
     return PopulationTrajectory(means, var_genetic, var_genetic + var_env, phen, gen, differential, response)
@@ -269,30 +281,13 @@ def _simulate_shared_origin(params, key, *, num_iterations, population, return_i
     def one_condition(p, m0, v0, cond_key):
         # iteration 0 draws from the one shared key: the same D_0 for every condition; later ones its own
         keys = jnp.concatenate([jax.random.fold_in(shared_key, 0)[None],
-                                jax.vmap(lambda t: jax.random.fold_in(cond_key, t))(
-                                    jnp.arange(1, num_iterations + 1))])
-
-        def body(state, key_t):
-            new_state, differential, individuals = _iteration(state[0], state[1], p, key_t, population, ddof,
-                                                              hard, return_individuals)
-            return new_state, (state, differential, individuals)
-
-        final, (states, differential, individuals) = jax.lax.scan(body, (m0, v0), keys[:num_iterations])
-        means = jnp.concatenate([states[0], final[0][None]])
-        var_genetic = jnp.concatenate([states[1], final[1][None]])
-        differential = jnp.concatenate([differential, jnp.full((1,), jnp.nan)])
-        if not return_individuals:
-            return means, var_genetic, differential, None, None
-        _, _, last = _iteration(final[0], final[1], p, keys[num_iterations], population, ddof, hard, True)
-        if num_iterations == 0:
-            return means, var_genetic, differential, last[0][None], last[1][None]
-        return (means, var_genetic, differential, jnp.concatenate([individuals[0], last[0][None]]),
-                jnp.concatenate([individuals[1], last[1][None]]))
+                                _iteration_keys(cond_key, 1, num_iterations)])
+        return _chain(p, m0, v0, keys, population=population, return_individuals=return_individuals,
+                      ddof=ddof, hard=hard)
 
     leaves = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64) * jnp.ones(num_c), params)
-    means, var_genetic, differential, phen, gen = jax.vmap(one_condition)(
+    means, var_genetic, differential, response, phen, gen = jax.vmap(one_condition)(
         leaves, mu0, vg0, jax.random.split(own_key, num_c))
-    response = jnp.concatenate([jnp.diff(means, axis=1), jnp.full((num_c, 1), jnp.nan)], axis=1)
     return PopulationTrajectory(means, var_genetic, var_genetic + var_env[:, None], phen, gen, differential,
                                 response)
 

@@ -119,7 +119,8 @@ def fit(
         "--population", help="Images generated per iteration when only a subset was measured (with "
                              "--drift; default: all generated images were measured).")] = None,
     interval: Annotated[str, typer.Option("--interval", help=(
-        "auto (default: Laplace where the curvature is well determined, else profile likelihood), "
+        "auto (default: Laplace where the curvature is well determined, else profile likelihood; r1 and r2 always "
+        "by their profiles), "
         "laplace, profile or bootstrap."))] = "auto",
     bootstrap_samples: Annotated[int, typer.Option(
         "--bootstrap-samples", help="Replicates for --interval bootstrap.")] = 200,

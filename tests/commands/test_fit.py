@@ -59,7 +59,7 @@ def test_json_output_has_the_documented_shape(run_dir):
         assert abs(params["r1"]["estimate"] - r1) < 0.1 and abs(params["r2"]["estimate"] - r2) < 0.1
     assert set(out["shared"]) | {p for c in out["conditions"].values() for p in c} == set(PARAM_NAMES)
     diag = out["diagnostics"]
-    assert diag["model"] == "hard" and diag["interval"] == "laplace"
+    assert diag["model"] == "hard" and diag["interval"] == "laplace; profile for r1, r2"
     assert diag["information"]["aic"] == pytest.approx(2 * diag["information"]["num_free"]
                                                        - 2 * diag["information"]["log_likelihood"])
     assert diag["transform"] == "none"

@@ -34,7 +34,8 @@ def test_auto_interval_takes_the_profile_at_a_boundary_and_laplace_where_quadrat
     """`auto` (the default): a window with r2 = 0 puts the estimate on the boundary (r2 indistinguishable
     from 0), where the Laplace intervals of the others are conditional on r2 = 0: the profile is used. With
     20000 images per iteration and interior windows the objective is quadratic to within the tolerance:
-    Laplace is used and the intervals are Laplace's."""
+    Laplace is used for mu0, sigma_g0 and sigma_env, and the window fractions r1, r2 take their profiles
+    (`fitting.driver.window_entries`)."""
     from fitting.uncertainty import R_FLOOR, profile_start
 
     boundary = {"a": (0.3, 0.0), "b": (0.1, 0.4)}
@@ -54,9 +55,14 @@ def test_auto_interval_takes_the_profile_at_a_boundary_and_laplace_where_quadrat
     big = from_phenotypes(list(CONDITIONS), np.arange(5), x)
     auto = fit_observations(big, FitConfig(num_starts=2, num_draws=16), key=jax.random.key(0))
     plain = fit_observations(big, FitConfig(num_starts=2, num_draws=16, interval="laplace"), key=jax.random.key(0))
-    assert auto.uncertainty.method == "laplace"
-    np.testing.assert_allclose(auto.lower, plain.lower, rtol=1e-9)
-    np.testing.assert_allclose(auto.upper, plain.upper, rtol=1e-9)
+    profiled = fit_observations(big, FitConfig(num_starts=2, num_draws=16, interval="profile"), key=jax.random.key(0))
+    assert auto.uncertainty.method == "laplace; profile for r1, r2"
+    window = [IDX["r1"], IDX["r2"]]
+    rest = [IDX["mu0"], IDX["sigma_g0"], IDX["sigma_env"]]
+    np.testing.assert_allclose(auto.lower[:, rest], plain.lower[:, rest], rtol=1e-9)
+    np.testing.assert_allclose(auto.upper[:, rest], plain.upper[:, rest], rtol=1e-9)
+    np.testing.assert_allclose(auto.lower[:, window], profiled.lower[:, window], rtol=1e-6)
+    np.testing.assert_allclose(auto.upper[:, window], profiled.upper[:, window], rtol=1e-6)
 
 
 def test_profile_interval_ends_where_the_likelihood_drops_by_1_92(obs, laplace_fit):
