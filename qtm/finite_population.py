@@ -53,6 +53,8 @@ block lower-triangular, so
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -148,6 +150,7 @@ def residual_sensitivities(row, num_iterations: int, population, num_images, *, 
     return rows, q, traj.mean, var_obs, rho
 
 
+@functools.partial(jax.jit, static_argnames=("num_iterations", "mutation_mode", "variance"))
 def residual_covariance(row, num_iterations: int, population, num_images, *, mutation_mode: str = "paper",
                         variance: str = "genetic"):
     """Sigma (2(K+1), 2(K+1)) of the residuals (xbar_0 - mu_0, s2_0 - V_0, xbar_1 - mu_1, ...) of one
@@ -162,6 +165,7 @@ def residual_covariance(row, num_iterations: int, population, num_images, *, mut
     return sigma, mean, var_obs
 
 
+@functools.partial(jax.jit, static_argnames=("num_iterations", "mutation_mode", "variance"))
 def shared_origin_covariance(table, num_iterations: int, population, num_images, *,
                              mutation_mode: str = "paper", variance: str = "genetic"):
     """Sigma of the residuals of ALL conditions that start from one D_0 (docs/model.md section 5), in the

@@ -153,12 +153,13 @@ def test_gls_objective_against_numpy():
     sigma, _, _ = shared_origin_covariance(jnp.asarray(pilot), k, grid, grid)
     sigma = np.asarray(sigma)
     fixed = problem.with_pilot(u_pilot)
+    recursion = jax.jit(trajectory, static_argnums=1)     # one compilation for the nine trajectories
     for _ in range(3):
         u = u_pilot + rng.normal(0.0, 0.1, u_pilot.size)
         table = problem.natural(u)
         resid = []
         for c in range(3):
-            traj = trajectory(TraitParams(*table[c]), k)
+            traj = recursion(TraitParams(*table[c]), k)
             m, v = np.asarray(traj.mean), np.asarray(traj.var_genetic)
             if c == 0:
                 resid += [x[0, 0].mean() - m[0], x[0, 0].var(ddof=1) - v[0]]
