@@ -193,3 +193,14 @@ def test_error_paths_that_are_not_datasets(tmp_path):
     junk.write_text("not netcdf")
     with pytest.raises(ObservationError, match="cannot read"):
         load_observations(junk)
+
+
+def test_distinct_samples_by_hand():
+    """Rows 0 and 2 hold the same sample (n, mean, variance equal), row 1 another (same n and mean, other
+    variance), row 3 none, rows 4 and 5 one image each with the same value (variance 0 whatever is stored)."""
+    from fitting.observations import distinct_samples
+
+    n = np.array([10, 10, 10, 0, 1, 1])
+    mean = np.array([0.5, 0.5, 0.5, 0.0, 0.2, 0.2])
+    var = np.array([0.01, 0.02, 0.01, np.nan, np.nan, 3.0])
+    assert distinct_samples(n, mean, var) == [0, 1, 4]
