@@ -9,7 +9,6 @@ raises ConfigError naming the file and the field.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import tomllib
 import typing
