@@ -295,7 +295,7 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
             warnings = [w for w in warnings if not w.startswith(f"{labels[i]} is not identified: its 95 % interval")]
         g_hat = float(report_scale(name, base.estimate[i]))
         step = float(np.clip(0.75 * base.report_sd[i], 1e-3, 1.0)) if np.isfinite(base.report_sd[i]) else 0.5
-        bounds, flat = [], False
+        bounds, flat, lowest = [], False, 0.0
         for direction in (-1.0, 1.0):
             w = reduce_vector(start, i)
             w_prev = w
@@ -308,9 +308,7 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
                     break
                 w = w_new
                 d = value - nll_hat
-                if d < -1e-3:
-                    warnings.append(f"profile of {labels[i]} found a lower objective ({d:.3g}): the optimum "
-                                    "may be a local one (try more starts)")
+                lowest = min(lowest, d)
                 if d >= threshold:
                     bound = _refine_crossing(problem, i, nll_hat, threshold, (g_prev, d_prev), (g, d), w_prev)
                     break
@@ -323,6 +321,9 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
                 if direction > 0 and name == "tail_rate":
                     bound = math.inf
             bounds.append(bound)
+        if lowest < -1e-3:
+            warnings.append(f"profile of {labels[i]} found a lower objective ({lowest:.3g}): the optimum "
+                            "may be a local one (try more starts)")
         lower[i] = float(from_report_scale(name, bounds[0]))
         upper[i] = float(from_report_scale(name, bounds[1]))
         if flat:
