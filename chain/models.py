@@ -20,6 +20,7 @@ import torch
 
 from chain.config import ModelConfig, TinyModelConfig
 from chain.errors import ModelLoadError
+from chain.text import token_length
 from qtmio.atomic import atomic_folder
 
 MODEL_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
@@ -86,8 +87,6 @@ class BaseModel:
 
     @property
     def max_token_length(self) -> int:
-        from chain.text import token_length
-
         return token_length(self.tokenizer, self.text_encoder)
 
     def copy(self) -> "BaseModel":

@@ -17,10 +17,10 @@ def unwrap(module):
     return getattr(module, "module", module)
 
 
-
 def token_length(tokenizer, text_encoder) -> int:
     """Tokens per prompt: the tokenizer's length, at most the encoder's positions (77 for CLIP)."""
     return int(min(tokenizer.model_max_length, unwrap(text_encoder).config.max_position_embeddings))
+
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
     """Token ids (B, max_length), padded and truncated like Stable Diffusion (77 tokens for CLIP)."""
