@@ -615,6 +615,10 @@ def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
     gen["reference"], ref_images = time_reference_generation(model, s, device, start)
     gen["plain"], our_images = time_our_generation(model, s, device, start, "as in the chain")
     figures["generate_max_abs_diff_vs_reference"] = float((our_images - ref_images).abs().max())
+    figures["generate_mean_abs_diff_vs_reference"] = float((our_images - ref_images).abs().mean())
+    # the scale of that difference: how far apart two images of different seeds are (consecutive images)
+    figures["generate_mean_abs_diff_between_seeds"] = (float((our_images[1:] - our_images[:-1]).abs().mean())
+                                                       if len(our_images) > 1 else float("nan"))
     applied_generation = ["sdpa (diffusers default)", f"{_precision_label(s.precision)} weights"]
     if s.channels_last:
         model.unet.to(memory_format=torch.channels_last)

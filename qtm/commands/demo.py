@@ -47,7 +47,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(num_images=24, num_iterations=2, num_steps=15, epochs=2, sampling_batch_size=12)
+        return cls(num_images=16, num_iterations=2, num_steps=10, epochs=2, sampling_batch_size=8)
 
 
 def demo_config(data_dir: Path, settings: DemoSettings, *, seed: int):
@@ -138,7 +138,7 @@ def run_demo(out: Path, settings: DemoSettings, *, seed: int = 0, progress: bool
 
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run folder (resumable).")] = Path("results/demo"),
-    quick: Annotated[bool, typer.Option("--quick", help="A smaller chain (smoke test, ~3 minutes).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller chain (smoke test, ~2 minutes).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of D_0, finetuning and sampling.")] = 0,
     json_output: JsonFlag = False,
 ) -> None:
