@@ -54,6 +54,7 @@ largest n of its condition (iteration 0: the pooled iteration-0 count).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -161,18 +162,10 @@ def _trajectory_moments(table, num_iterations, mutation_mode, variance):
     from qtm.params import PARAM_NAMES, TraitParams
     from qtm.recursion import trajectory
 
-    params = TraitParams(*[table[:, i] for i in range(len(PARAM_NAMES))], mutation_mode=mutation_mode)
-    traj = jax.vmap(lambda p: trajectory(p, num_iterations))(params)
+    columns = [table[:, i] for i in range(len(PARAM_NAMES))]
+    columns[PARAM_NAMES.index("tail_rate")] = math.inf     # hard truncation only (module docstring)
+    traj = trajectory(TraitParams(*columns, mutation_mode=mutation_mode), num_iterations)
     return traj.mean, (traj.var_genetic if variance == "genetic" else traj.var_phenotype)
-
-
-@functools.partial(jax.jit, static_argnames=("num_iterations", "mutation_mode", "variance"))
-def _mean_variances(table, population, num_images, *, num_iterations, mutation_mode, variance):
-    def one(row, big, small):
-        sigma, _, v = residual_covariance(row, num_iterations, big, small, mutation_mode=mutation_mode,
-                                          variance=variance)
-        return jnp.diagonal(sigma)[0::2], v
-    return jax.vmap(one)(table, population, num_images)
 
 
 def observed_mean_variance(problem, u, num_images) -> tuple[np.ndarray, np.ndarray]:
@@ -188,10 +181,10 @@ def observed_mean_variance(problem, u, num_images) -> tuple[np.ndarray, np.ndarr
                                      layout.population))
     big = np.maximum(big, small) if layout.population is None else big
     table = problem.natural(u)
-    var_mean, v = _mean_variances(jnp.asarray(table), jnp.asarray(big), jnp.asarray(small),
-                                  num_iterations=layout.num_iterations, mutation_mode=layout.mutation_mode,
-                                  variance=layout.variance)
-    return np.asarray(var_mean), np.asarray(v)
+    sigma, _, v = _covariances(jnp.asarray(table), jnp.asarray(big), jnp.asarray(small),
+                               num_iterations=layout.num_iterations, mutation_mode=layout.mutation_mode,
+                               variance=layout.variance)
+    return np.diagonal(np.asarray(sigma), axis1=1, axis2=2)[:, 0::2], np.asarray(v)
 
 
 @functools.partial(jax.jit, static_argnames=("num_iterations", "mutation_mode", "variance"))

@@ -14,7 +14,8 @@ from fitting.forecast import Prediction, align, forecast_report, predict
 from fitting.goodness import CellGoodness, aligned_phenotypes, cell_goodness_of_fit
 from fitting.model import ModelSpec, Problem, build_problem, image_nll_offset, to_unconstrained, zero_variance_cells
 from fitting.observations import Observations, cell_statistics
-from fitting.optimize import OptimizationResult, initial_table, local_minimize, minimize_multistart
+from fitting.optimize import (OptimizationResult, initial_table, local_minimize, minimize_multistart,
+                              numpy_generator)
 from fitting.transforms import TRANSFORMS, log_jacobian, transform_observations
 from fitting.uncertainty import Uncertainty, bootstrap, laplace, laplace_is_adequate, posterior_draws, profile
 from qtm.params import PARAM_NAMES, require_x64
@@ -160,7 +161,7 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
                                                                          key=k_draw)
     k_full = obs.max_iteration
     observed = align(obs, k_full)
-    noise = np.asarray(jax.random.normal(k_noise, (draws.shape[0],) + observed["mean"].shape))
+    noise = numpy_generator(k_noise).standard_normal((draws.shape[0],) + observed["mean"].shape)
     # the sampling variance of an observed mean, as an equivalent number of images (n, or V_k / Sigma_kk
     # under drift)
     band_images = observation.band_images(problem, u_hat, observed)

@@ -192,6 +192,7 @@ class Layout:
     num_iterations: int
     drift: bool = False
     population: int | None = None
+    selection: str = "hard"
 
     @property
     def size(self) -> int:
@@ -358,7 +359,7 @@ def build_problem(obs: Observations, spec: ModelSpec, *, num_iterations: int | N
     k = int(obs.max_iteration if num_iterations is None else num_iterations)
     layout = Layout(num_conditions=num_c, free=tuple(free), mutation_mode=spec.mutation_mode,
                     variance=spec.variance, objective=spec.objective, num_iterations=k,
-                    drift=spec.drift, population=spec.population)
+                    drift=spec.drift, population=spec.population, selection=spec.selection)
     return Problem(spec=spec, conditions=conditions, layout=layout, fixed=fixed,
                    scale=np.array([m_ref, s_ref]), data=data_arrays(cells),
                    num_observations=cells.num_observations, num_cells=len(cells.mean))
@@ -464,11 +465,15 @@ def from_report_scale(name: str, g: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- objective
 
 def trajectories(table, layout: Layout):
-    """qtm's recursion for every condition of a natural table (C, 7): a Trajectory with fields (C, K+1)."""
+    """qtm's recursion for every condition of a natural table (C, 7): a Trajectory with fields (C, K+1).
+
+    Hard selection passes tail_rate = inf as a constant, so the compiled objective has no soft tails."""
     from qtm.recursion import trajectory
 
-    params = TraitParams(*[table[:, i] for i in range(len(PARAM_NAMES))], mutation_mode=layout.mutation_mode)
-    return jax.vmap(lambda p: trajectory(p, layout.num_iterations))(params)
+    columns = [table[:, i] for i in range(len(PARAM_NAMES))]
+    if layout.selection == "hard":
+        columns[_IDX["tail_rate"]] = math.inf
+    return trajectory(TraitParams(*columns, mutation_mode=layout.mutation_mode), layout.num_iterations)
 
 
 def predicted_moments(table, layout: Layout):

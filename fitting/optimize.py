@@ -61,10 +61,16 @@ def initial_table(problem: Problem) -> np.ndarray:
     return _clip_simplex(table, problem)
 
 
+def numpy_generator(key: jax.Array) -> np.random.Generator:
+    """A numpy Generator seeded by a JAX key: the fit's host-side draws (starts, posterior draws, bootstrap
+    resamples, prediction noise) come from numpy, which compiles nothing; the key keeps them reproducible."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
 def random_tables(problem: Problem, num: int, *, key: jax.Array) -> np.ndarray:
     """`num` random natural tables (num, C, 7) for the free entries (Dirichlet(1, 1, 1) for the window,
     log-uniform spreads for the scales)."""
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    rng = numpy_generator(key)
     s_ref, m_ref = float(problem.scale[1]), float(problem.scale[0])
     tables = np.repeat(initial_table(problem)[None], num, axis=0)
     for name, c in problem.layout.free:

@@ -55,7 +55,7 @@ from fitting.model import (
     report_scale,
 )
 from fitting.observations import Observations
-from fitting.optimize import local_minimize
+from fitting.optimize import local_minimize, numpy_generator
 from qtm.params import PARAM_NAMES
 
 Z95 = 1.959963984540054
@@ -210,7 +210,7 @@ _ZERO_REPORT = -60.0   # logit / log of ~1e-26: zero to every digit that matters
 
 def posterior_draws(u_hat: np.ndarray, cov_u: np.ndarray, num: int, *, key: jax.Array) -> np.ndarray:
     """Draws of u from the Laplace approximation N(u*, Cov_u), (num, P)."""
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    rng = numpy_generator(key)
     return rng.multivariate_normal(np.asarray(u_hat), np.asarray(cov_u), size=num, method="eigh")
 
 
@@ -411,7 +411,7 @@ def bootstrap(problem: Problem, obs: Observations, u_hat: np.ndarray, base: Unce
         raise ObservationError(f"{obs.source}: {{interval}} bootstrap needs the per-image variable 'hf_power'; "
                                "this dataset holds only the summary trio (use laplace or profile)",
                                parameters=("interval",))
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    rng = numpy_generator(key)
     num_images = obs.phenotypes.shape[-1]
     draws, failed = [], 0
     for _ in range(num_samples):

@@ -54,6 +54,7 @@ block lower-triangular, so
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +109,11 @@ def noise_covariance(r1, r2, rho, population, num_images):
 
 
 def _params_row(row, mutation_mode: str) -> TraitParams:
-    return TraitParams(*[row[i] for i in range(len(PARAM_NAMES))], mutation_mode=mutation_mode)
+    """TraitParams of a natural row (7,) with hard truncation (tail_rate = inf as a constant, whatever the
+    row holds: the expansion is derived for hard truncation only)."""
+    values = [row[i] for i in range(len(PARAM_NAMES))]
+    values[PARAM_NAMES.index("tail_rate")] = math.inf
+    return TraitParams(*values, mutation_mode=mutation_mode)
 
 
 def residual_sensitivities(row, num_iterations: int, population, num_images, *, mutation_mode: str = "paper",
@@ -244,9 +249,11 @@ def clamp_pair_expectations(r1_c, r2_c, shift_c, r1_d, r2_d, shift_d):
         return jnp.stack([alpha, beta])
 
     def powers(p):
-        one = jnp.array([1.0, 0.0, 0.0])
-        sq = jnp.convolve(p, p)
-        return [one, jnp.concatenate([p, jnp.zeros(1)]), sq]
+        # coefficients (3, 3) of (alpha + beta z)^i in 1, z, z^2, for i = 0, 1, 2
+        alpha, beta = p[0], p[1]
+        one, zero = jnp.ones_like(alpha), jnp.zeros_like(alpha)
+        return jnp.stack([jnp.stack([one, zero, zero]), jnp.stack([alpha, beta, zero]),
+                          jnp.stack([alpha * alpha, 2.0 * alpha * beta, beta * beta])])
 
     def segment(lo, hi):
         finite_lo, finite_hi = jnp.isfinite(lo), jnp.isfinite(hi)
@@ -256,10 +263,17 @@ def clamp_pair_expectations(r1_c, r2_c, shift_c, r1_d, r2_d, shift_d):
         pc = powers(linear(t, a_c, b_c, shift_c))
         pd = powers(linear(t, a_d, b_d, shift_d))
         moments = _segment_moments(lo, jnp.maximum(hi, lo))
-        return jnp.stack([jnp.stack([jnp.sum(jnp.convolve(pc[i], pd[j]) * moments) for j in range(3)])
-                          for i in range(3)])
+        hankel = moments[jnp.arange(3)[:, None] + jnp.arange(3)[None, :]]     # M_{m+n}
+        return pc @ hankel @ pd.T       # sum_{m,n} pc[i, m] pd[j, n] M_{m+n}
 
     return jnp.sum(jax.vmap(segment)(lows, highs), axis=0)
+
+
+def _shift_matrix(m):
+    """S (3, 3) with (W - m)^i = sum_k S_ik W^k for i = 0, 1, 2."""
+    one, zero = jnp.ones_like(m), jnp.zeros_like(m)
+    return jnp.stack([jnp.stack([one, zero, zero]), jnp.stack([-m, one, zero]),
+                      jnp.stack([m * m, -2.0 * m, one])])
 
 
 def shared_origin_noise_covariance(r1_c, r2_c, r1_d, r2_d, rho, population, num_images):
@@ -272,9 +286,11 @@ def shared_origin_noise_covariance(r1_c, r2_c, r1_d, r2_d, rho, population, num_
     z_c = 1.0 - r1_c - r2_c
     z_d = 1.0 - r1_d - r2_d
     e_cd = clamp_pair_expectations(r1_c, r2_c, 0.0, r1_d, r2_d, 0.0)         # E[W_c^i W_d^j]
-    p_cd = clamp_pair_expectations(r1_c, r2_c, m_c, r1_d, r2_d, m_d)         # E[(W_c-m_c)^i (W_d-m_d)^j]
-    w_cp = clamp_pair_expectations(r1_c, r2_c, 0.0, r1_d, r2_d, m_d)         # E[W_c^i (W_d-m_d)^j]
-    p_cw = clamp_pair_expectations(r1_c, r2_c, m_c, r1_d, r2_d, 0.0)         # E[(W_c-m_c)^i W_d^j]
+    # (W - m)^i = sum_k binom(i, k) (-m)^(i-k) W^k, i <= 2: the shifted moments from the raw ones
+    to_c, to_d = _shift_matrix(m_c), _shift_matrix(m_d)
+    p_cd = to_c @ e_cd @ to_d.T                                               # E[(W_c-m_c)^i (W_d-m_d)^j]
+    w_cp = e_cd @ to_d.T                                                      # E[W_c^i (W_d-m_d)^j]
+    p_cw = to_c @ e_cd                                                        # E[(W_c-m_c)^i W_d^j]
     e_c, _, _, _ = clamp_expectations(r1_c, r2_c)                             # E[W_c^k z^j]
     e_d, _, _, _ = clamp_expectations(r1_d, r2_d)
     big, small = 1.0 / population, 1.0 / num_images

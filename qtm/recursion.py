@@ -22,10 +22,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qtm import mutation
 from qtm.params import TraitParams, require_x64
-from qtm.selection import selection_moments
+from qtm.selection import is_hard_truncation, selection_moments
 
 
 class TraitState(NamedTuple):
@@ -85,17 +86,24 @@ def step(state: TraitState, params: TraitParams, moments: tuple[jax.Array, jax.A
     return TraitState(state.mean + response, next_var_genetic), record
 
 
-@functools.partial(jax.jit, static_argnames=("num_iterations",))
 def trajectory(params: TraitParams, num_iterations: int) -> Trajectory:
     """Moments of iterations 0..K (K = num_iterations) by `jax.lax.scan` over `step`.
 
     Parameter leaves may carry leading batch dimensions (they broadcast), or the function may be
-    vmapped over any leaf; outputs then have shape (..., K+1).
+    vmapped over any leaf; outputs then have shape (..., K+1). A `tail_rate` known at trace time to be
+    +inf (a Python number or a concrete array; `qtm.selection.is_hard_truncation`) compiles the smaller
+    program of hard truncation; a traced one decides at run time (same values).
     """
+    return _trajectory(params, num_iterations, is_hard_truncation(params.tail_rate))
+
+
+@functools.partial(jax.jit, static_argnames=("num_iterations", "hard"))
+def _trajectory(params: TraitParams, num_iterations: int, hard: bool) -> Trajectory:
     require_x64()
     if num_iterations < 0:
         raise ValueError(f"num_iterations must be >= 0; got {num_iterations}")
-    moments = selection_moments(params.r1, params.r2, params.tail_rate)
+    tail_rate = np.full(np.shape(params.tail_rate), np.inf) if hard else params.tail_rate
+    moments = selection_moments(params.r1, params.r2, tail_rate)
     state = initial_state(params)
     batch = jnp.broadcast_shapes(state.mean.shape, moments[0].shape,
                                  *(jnp.shape(getattr(params, f)) for f in ("sigma_env", "sigma_mut")))
