@@ -36,6 +36,7 @@ is exp(z); mu0 is m_ref + s_ref z (m_ref, s_ref: iteration-0 mean and sd, fixed 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from functools import partial
 from typing import NamedTuple
@@ -266,15 +267,24 @@ class Problem:
         pad = (-num) % BATCH
         if pad:
             us = np.concatenate([us, np.repeat(us[-1:], pad, axis=0)])
-        if self.pilot is None and self.layout.observation.needs_pilot:
-            raise RuntimeError("this observation model evaluates its covariance at a pilot estimate: "
-                               "call Problem.with_pilot(u) first")
-        pilot = np.zeros(()) if self.pilot is None else self.pilot
-        parts = [_batched_eval(jnp.asarray(us[i:i + BATCH]), self.fixed, self.scale, self.data, pilot,
-                               layout=self.layout) for i in range(0, us.shape[0], BATCH)]
+        fixed, scale, pilot = self._arguments
+        parts = [_batched_eval(us[i:i + BATCH], fixed, scale, self.data, pilot, layout=self.layout)
+                 for i in range(0, us.shape[0], BATCH)]
+        if len(parts) == 1:
+            return tuple(np.asarray(x)[:num] for x in parts[0])
         values, grads, means, variances = (np.concatenate([np.asarray(p[k]) for p in parts])[:num]
                                            for k in range(4))
         return values, grads, means, variances
+
+    @functools.cached_property
+    def _arguments(self):
+        """The compiled objective's array arguments other than u, on the device once (an optimizer calls
+        `evaluate` thousands of times, and converting them per call cost as much as the evaluation)."""
+        if self.pilot is None and self.layout.observation.needs_pilot:
+            raise RuntimeError("this observation model evaluates its covariance at a pilot estimate: "
+                               "call Problem.with_pilot(u) first")
+        pilot = jnp.zeros(()) if self.pilot is None else self.pilot
+        return jnp.asarray(self.fixed), jnp.asarray(self.scale), pilot
 
     def nll(self, u) -> float:
         return self.value_and_grad(u)[0]
