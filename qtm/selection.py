@@ -19,7 +19,7 @@ gradient returned is that of the formula with the tail removed, which is finite.
 
 Hard truncation known at trace time (`tail_rate` a Python number or a concrete array, +inf everywhere, as
 in `hard_moments` and every caller that fixes lambda = inf) skips the soft tails altogether: the result is
-the same to the bit (the tails' terms are exactly 0 there) and the compiled program is about half the size.
+the same to rounding (the tails' terms are exactly 0 there) and the compiled program is about half the size.
 """
 
 from __future__ import annotations

@@ -219,3 +219,40 @@ def test_selection_window_edges_against_scipy():
     fa, fb, pa, pb = (np.asarray(x) for x in finite_edges(r1, r2))
     assert fa[0] == 0.0 and pa[0] == 0.0 and fb[1] == 0.0 and pb[1] == 0.0
     np.testing.assert_allclose(pa[1:], scipy.stats.norm.pdf(a[1:]), rtol=1e-13)
+
+
+def test_hard_truncation_known_at_trace_time_matches_the_traced_formula():
+    """A tail_rate that is +inf when the program is traced takes the hard-truncation shortcut
+    (`is_hard_truncation`); a traced inf goes through the general formula with its soft tails masked. Both
+    must give the same moments and gradients to rounding (the two programs fuse differently), including at
+    the r = 0 boundaries, and the recursion must follow whichever it is given."""
+    from qtm.params import TraitParams
+    from qtm.recursion import trajectory
+    from qtm.selection import is_hard_truncation
+
+    assert is_hard_truncation(math.inf) and is_hard_truncation(np.full(3, np.inf))
+    assert not is_hard_truncation(0.1) and not is_hard_truncation(np.array([np.inf, 0.1]))
+    r1 = jnp.array([0.025, 0.5, 0.0, 0.3, 0.95])
+    r2 = jnp.array([0.675, 0.09, 0.2, 0.0, 0.0002])
+
+    def total(r1, r2, lam):
+        m, v = selection_moments(r1, r2, lam)
+        return jnp.sum(m + 2.0 * v), (m, v)
+
+    static = jax.jit(jax.grad(lambda a, b: total(a, b, math.inf), argnums=(0, 1), has_aux=True))
+    traced = jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True))
+    (g1s, g2s), (ms, vs) = static(r1, r2)
+    (g1t, g2t), (mt, vt) = traced(r1, r2, jnp.inf)
+    for x, y in ((ms, mt), (vs, vt), (g1s, g1t), (g2s, g2t)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(ms[:2]), [_truncnorm_moments(0.025, 0.675)[0],
+                                                    _truncnorm_moments(0.5, 0.09)[0]], rtol=1e-12)
+
+    params = TraitParams(r1=r1, r2=r2, sigma_env=0.2, sigma_g0=0.1, mu0=0.3)
+    hard = trajectory(params, 4)
+    soft_path = jax.jit(lambda lam: trajectory(TraitParams(r1=r1, r2=r2, tail_rate=lam, sigma_env=0.2,
+                                                           sigma_g0=0.1, mu0=0.3), 4))(jnp.inf)
+    np.testing.assert_allclose(np.asarray(hard.mean), np.asarray(soft_path.mean), rtol=1e-13)
+    finite = jax.jit(lambda lam: trajectory(TraitParams(r1=r1, r2=r2, tail_rate=lam, sigma_env=0.2,
+                                                        sigma_g0=0.1, mu0=0.3), 4))(1.0)
+    assert np.all(np.abs(np.asarray(finite.mean) - np.asarray(hard.mean))[:, 1:] > 1e-6)
