@@ -144,11 +144,12 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     u_hat, nll_hat = optimization.best.u, optimization.best.nll
 
     unc = laplace(problem, u_hat, nll_hat)
+    restarts = numpy_generator(k_unc).spawn(1)[0]     # the profile's restarts at a crossing (own stream)
     profiled = config.interval == "profile" or (config.interval == "auto" and not laplace_is_adequate(
         problem, u_hat, nll_hat, unc))
     if profiled:
         tick = progress("profiling", problem.layout.size) if progress else None
-        unc = profile(problem, u_hat, nll_hat, unc, progress=tick)
+        unc = profile(problem, u_hat, nll_hat, unc, progress=tick, rng=restarts)
     elif config.interval == "bootstrap":
         tick = progress("bootstrapping", config.num_bootstrap) if progress else None
         unc = bootstrap(problem, train, u_hat, unc, num_samples=config.num_bootstrap, key=k_unc, progress=tick)
@@ -156,7 +157,7 @@ def fit_observations(obs: Observations, config: FitConfig = FitConfig(), *, key:
     window = window_entries(problem, config.interval)
     if window and not profiled and problem.layout.size > 1:
         tick = progress("profiling the selection window", len(window)) if progress else None
-        unc = profile(problem, u_hat, nll_hat, unc, indices=window, progress=tick)
+        unc = profile(problem, u_hat, nll_hat, unc, indices=window, progress=tick, rng=restarts)
     draws = unc.samples if unc.samples is not None else posterior_draws(u_hat, unc.cov_u, config.num_draws,
                                                                          key=k_draw)
     k_full = obs.max_iteration

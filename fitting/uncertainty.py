@@ -14,7 +14,17 @@ that makes them wide, and the parameters loading on them are flagged.
 Profile. For each free entry, the entry is pinned on its report scale and the objective minimized over
 the rest; the interval is where the profile rises by chi2_1(0.95) / 2 = 1.92 (likelihood objective) above
 the minimum. A profile that does not rise that far within the search is flat: the parameter is not
-identified and the interval runs to the search limit (or to the bound, e.g. 0 for r2).
+identified and the interval runs to the search limit (or to the bound, e.g. 0 for r2). The profile walks
+outwards from the optimum, each point's inner minimization started from the previous point's (continuation).
+Along a curved ridge, or where the objective has a second valley, that path can stall in a place where the
+others are not at their minimum, and the profile then rises too early: the interval comes out too short.
+So every point of the walk and of the crossing's refinement that reaches the threshold (within
+`RESTART_MARGIN`) is minimized again from the optimum's other coordinates and from `PROFILE_RESTARTS`
+random perturbations of them and of the last point inside (sd `RESTART_SD` on the unconstrained scale);
+the lowest value counts, and where it lies below the threshold the walk, or the crossing's bracket, goes on
+from there. On simulated chains (N = 1000, K = 6, 30 data sets) this cut the interval ends where an
+8-start minimization finds the profile more than 0.05 below its threshold from 23 of 374 to 7 of 372
+(more than 0.5 below: 12 to 1), at about three times the profile's cost.
 
 Bootstrap. Images are resampled with replacement with the same image indices for every condition and
 iteration (paired over images: iteration 0 stays shared), the fit is repeated from the optimum, and the
@@ -216,6 +226,9 @@ def posterior_draws(u_hat: np.ndarray, cov_u: np.ndarray, num: int, *, key: jax.
 
 QUADRATIC_TOLERANCE = 0.25   # relative departure of the objective's rise from the quadratic's 1.92 (`auto`)
 R_FLOOR = 1e-4               # r1, r2 below this are moved up to it before profiling (`profile_start`)
+PROFILE_RESTARTS = 4         # random restarts at a profile point near or above its threshold (module docstring)
+RESTART_SD = 0.7             # their spread on the unconstrained scale
+RESTART_MARGIN = 0.05        # restarted where the profile is within this of its threshold or above
 
 
 def laplace_is_adequate(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertainty) -> bool:
@@ -268,11 +281,14 @@ def profile_start(problem: Problem, u_hat: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ profile
 
 def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertainty, *,
-            max_steps: int = 12, progress=None, indices=None) -> Uncertainty:
+            max_steps: int = 12, progress=None, indices=None, rng: np.random.Generator | None = None,
+            restarts: int = PROFILE_RESTARTS) -> Uncertainty:
     """Profile-likelihood intervals (module docstring); Laplace quantities are kept for the rest.
 
     indices: the free entries to profile (default all; the others keep `base`'s intervals). A tail_rate
-    whose profile stays flat upwards gets the upper end inf (hard truncation fits as well)."""
+    whose profile stays flat upwards gets the upper end inf (hard truncation fits as well). rng draws the
+    restarts at a crossing (default: seeded 0, so a profile is reproducible); restarts = 0 turns them off."""
+    rng = np.random.default_rng(0) if rng is None else rng
     labels = problem.layout.labels(problem.conditions)
     p = len(labels)
     lower, upper = base.lower.copy(), base.upper.copy()
@@ -296,6 +312,21 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
         g_hat = float(report_scale(name, base.estimate[i]))
         step = float(np.clip(0.75 * base.report_sd[i], 1e-3, 1.0)) if np.isfinite(base.report_sd[i]) else 0.5
         bounds, flat, lowest = [], False, 0.0
+        anchor = reduce_vector(start, i)
+
+        def point(g, w_warm, i=i, anchor=anchor):
+            """The profile at g from the warm start w_warm (the last point inside); restarted near or
+            above the threshold (module docstring)."""
+            value, w_new = _profile_point(problem, w_warm, g, i)
+            if restarts > 0 and not value - nll_hat < threshold - RESTART_MARGIN:
+                for j in range(restarts + 1):
+                    alt = anchor if j == 0 else (anchor, w_warm)[j % 2] + RESTART_SD * rng.standard_normal(
+                        anchor.shape)
+                    alt_value, alt_w = _profile_point(problem, alt, g, i)
+                    if alt_value < value:
+                        value, w_new = alt_value, alt_w
+            return value, w_new
+
         for direction in (-1.0, 1.0):
             w = reduce_vector(start, i)
             w_prev = w
@@ -303,14 +334,14 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
             bound = None
             for k in range(1, max_steps + 1):
                 g = g_hat + direction * step * k * (1.0 + 0.25 * k)
-                value, w_new = _profile_point(problem, w, g, i)
+                value, w_new = point(g, w)
                 if not np.isfinite(value):
                     break
                 w = w_new
                 d = value - nll_hat
                 lowest = min(lowest, d)
                 if d >= threshold:
-                    bound = _refine_crossing(problem, i, nll_hat, threshold, (g_prev, d_prev), (g, d), w_prev)
+                    bound = _refine_crossing(point, nll_hat, threshold, (g_prev, d_prev), (g, d), w_prev)
                     break
                 w_prev = w
                 g_prev, d_prev = g, d
@@ -344,44 +375,56 @@ def profile(problem: Problem, u_hat: np.ndarray, nll_hat: float, base: Uncertain
                                upper=upper, identified=identified, warnings=tuple(dict.fromkeys(warnings)))
 
 
-def _refine_crossing(problem, index, nll_hat, threshold, inside, outside, w, steps: int = 6,
+def _refine_crossing(point, nll_hat, threshold, inside, outside, w, max_evaluations: int = 20,
                      tolerance: float = 0.01) -> float:
-    """The report-scale value g where the profile crosses `threshold`, within the bracket (inside, outside).
+    """The report-scale value g where the profile crosses `threshold`, within the bracket (inside, outside);
+    point(g, w) -> (objective, other coordinates) is the profile at g started from w.
 
-    Regula falsi with the Illinois modification on the signed root r(g) = sqrt(2 (profile(g) - nll_hat)),
-    which is linear in g wherever the profile is quadratic (one step is then exact; a Wald interval is the
-    same line through the optimum); it stops when the profile is within `tolerance` of the threshold (0.01:
-    about 0.005 in units of the standard error at the crossing), after `steps` evaluations at most, with a
-    last interpolation in r."""
+    Brent's method (`scipy.optimize.brentq`: inverse quadratic interpolation, bisection as the safeguard) on
+    the signed root r(g) - sqrt(2 threshold), r(g) = sqrt(2 (profile(g) - nll_hat)), which is linear in g
+    wherever the profile is quadratic (a Wald interval is the same line through the optimum). Where the
+    profile is far from quadratic (a window fraction at its bound 0, on the logit scale) r(g) is strongly
+    curved and plain interpolation converges slowly from a far outside point; Brent's safeguard keeps the
+    bracket shrinking. It stops when the profile is within `tolerance` of the threshold (0.01: about 0.005
+    in units of the standard error at the crossing), when the bracket is narrower than 1e-6, or after
+    `max_evaluations`. Each point starts from the last point inside; a point whose objective is not finite
+    counts as outside."""
     target = math.sqrt(2.0 * threshold)
+    (g_in, d_in), (g_out, d_out) = inside, outside
+    known = {g_in: math.sqrt(2.0 * max(d_in, 0.0)) - target, g_out: math.sqrt(2.0 * max(d_out, 0.0)) - target}
+    warm = [w]
 
-    def root(d):
+    def signed_root(g: float) -> float:
+        if g in known:
+            return known[g]
+        value, w_new = point(g, warm[0])
+        if not np.isfinite(value):
+            return target                     # outside
+        d = value - nll_hat
+        if abs(d - threshold) < tolerance:
+            raise _Crossing(g)
+        if d < threshold:
+            warm[0] = w_new
         return math.sqrt(2.0 * max(d, 0.0)) - target
 
-    (g_in, d_in), (g_out, d_out) = inside, outside
-    f_in, f_out = root(d_in), root(d_out)
-    kept = 0                        # +1: the outside end was kept last time, -1: the inside end
-    for _ in range(steps):
-        if not f_out > f_in:
-            break
-        g_new = g_in - f_in * (g_out - g_in) / (f_out - f_in)
-        value, w_new = _profile_point(problem, w, g_new, index)
-        if not np.isfinite(value):
-            break
-        d_new = value - nll_hat
-        if abs(d_new - threshold) < tolerance:
-            return g_new
-        f_new = root(d_new)
-        if d_new >= threshold:
-            g_out, f_out = g_new, f_new
-            f_in = 0.5 * f_in if kept < 0 else f_in
-            kept = -1
-        else:
-            g_in, f_in, w = g_new, f_new, w_new
-            f_out = 0.5 * f_out if kept > 0 else f_out
-            kept = 1
-    frac = -f_in / (f_out - f_in) if f_out > f_in else 1.0
-    return g_in + frac * (g_out - g_in)
+    if known[g_in] >= 0.0:
+        return g_in
+    if known[g_out] <= 0.0:
+        return g_out
+    try:
+        g, _ = scipy.optimize.brentq(signed_root, g_in, g_out, xtol=1e-6, rtol=1e-10, maxiter=max_evaluations,
+                                     full_output=True, disp=False)
+    except _Crossing as found:
+        g = found.g
+    return float(g)
+
+
+class _Crossing(Exception):
+    """Raised inside Brent's iteration when the profile is within tolerance of its threshold."""
+
+    def __init__(self, g: float):
+        super().__init__(g)
+        self.g = g
 
 
 def _profile_point(problem: Problem, w0: np.ndarray, g: float, index: int) -> tuple[float, np.ndarray]:
