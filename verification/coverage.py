@@ -9,6 +9,13 @@ S = 53 seeds per parameter for +-0.03 at one standard error, S = 203 at two.
 
 The forecast study fits iterations <= `train_iterations` and counts the later observed means inside the
 95 % prediction bands.
+
+A joint check of the objective's scale, independent of how the intervals are computed: per seed the
+likelihood ratio of the truth, LR = 2 (NLL(truth) - NLL(estimate)), the objective at the fit's final state
+(for a chain: generalized least squares with the covariance at the final pilot). Where the objective is the
+log-likelihood of a correct model with P free parameters, LR follows chi2_P asymptotically (Wilks): mean P,
+variance 2P, above chi2_P(0.95) in 5 % of seeds. A variance far from 2P says the objective's curvature is
+right on average but not seed by seed, which profile intervals inherit.
 """
 
 from __future__ import annotations
@@ -37,6 +44,33 @@ class StudyResult:
     upper: np.ndarray
     seconds: np.ndarray
     forecast_hits: np.ndarray | None = None    # (S, M) later means inside the prediction band
+    likelihood_ratio: np.ndarray | None = None  # (S,) 2 (NLL(truth) - NLL(estimate)) (module docstring)
+
+    def likelihood_ratio_summary(self) -> dict | None:
+        """Mean, variance and the fraction above chi2_P(0.95) of the truth's likelihood ratio, next to
+        their chi2_P values (P free parameters; module docstring); None without ratios."""
+        if self.likelihood_ratio is None:
+            return None
+        import scipy.stats
+
+        lr = self.likelihood_ratio[np.isfinite(self.likelihood_ratio)]
+        p = len(self.labels)
+        return {"seeds": int(lr.size), "free": p, "mean": float(lr.mean()), "variance": float(lr.var(ddof=1)),
+                "above_95": float(np.mean(lr > scipy.stats.chi2.ppf(0.95, p))), "chi2_mean": float(p),
+                "chi2_variance": float(2 * p)}
+
+    def per_seed_rows(self, first_seed: int = 0) -> list[dict]:
+        """One row per (seed, free entry): truth, estimate, interval, and the seed's fit time and
+        likelihood ratio of the truth (for analyses the summary does not make)."""
+        rows = []
+        for i in range(self.estimate.shape[0]):
+            lr = math.nan if self.likelihood_ratio is None else float(self.likelihood_ratio[i])
+            for j, label in enumerate(self.labels):
+                rows.append({"seed": first_seed + i, "parameter": label, "truth": float(self.truth[i, j]),
+                             "estimate": float(self.estimate[i, j]), "lower": float(self.lower[i, j]),
+                             "upper": float(self.upper[i, j]), "seconds": float(self.seconds[i]),
+                             "likelihood_ratio": lr})
+        return rows
 
     def summary(self) -> list[dict]:
         """One row per free entry plus a pooled row: coverage, its standard error, median bias, median
@@ -64,7 +98,7 @@ def run_study(kind: str, *, truth: Truth = Truth(), num_seeds: int, num_images: 
     import jax
 
     from fitting.driver import FitConfig, fit_observations
-    from fitting.model import ModelSpec
+    from fitting.model import ModelSpec, to_unconstrained
     from fitting.observations import from_phenotypes
     from qtm.params import PARAM_NAMES
 
@@ -77,7 +111,7 @@ def run_study(kind: str, *, truth: Truth = Truth(), num_seeds: int, num_images: 
                                                                                      "sigma_env"]
     true_row = [v for _, r1, r2 in truth.conditions for v in (r1, r2)] + [truth.mu0, truth.sigma_g0,
                                                                           truth.sigma_env]
-    est, lo, up, secs, hits = [], [], [], [], []
+    est, lo, up, secs, hits, ratios = [], [], [], [], [], []
     for s in range(first_seed, first_seed + num_seeds):
         x = simulate(truth, num_images=num_images, num_iterations=num_iterations, seed=10_000 + s)
         obs = from_phenotypes(list(truth.names), np.arange(num_iterations + 1), x)
@@ -89,6 +123,12 @@ def run_study(kind: str, *, truth: Truth = Truth(), num_seeds: int, num_images: 
             row = [table[c, idx[n]] for c in range(len(truth.conditions)) for n in ("r1", "r2")]
             return row + [table[0, idx[n]] for n in ("mu0", "sigma_g0", "sigma_env")]
 
+        at_truth = result.estimate.copy()
+        for c, (_, r1, r2) in enumerate(truth.conditions):
+            at_truth[c, [idx["r1"], idx["r2"], idx["mu0"], idx["sigma_g0"], idx["sigma_env"]]] = (
+                r1, r2, truth.mu0, truth.sigma_g0, truth.sigma_env)
+        nll_truth = result.problem.nll(to_unconstrained(at_truth, result.problem))
+        ratios.append(2.0 * (float(nll_truth) - result.optimization.best.nll))
         est.append(pick(result.estimate))
         lo.append(pick(result.lower))
         up.append(pick(result.upper))
@@ -101,7 +141,7 @@ def run_study(kind: str, *, truth: Truth = Truth(), num_seeds: int, num_images: 
             progress(s)
     n = len(est)
     return StudyResult(kind, tuple(labels), np.tile(true_row, (n, 1)), np.array(est), np.array(lo),
-                       np.array(up), np.array(secs), np.array(hits) if hits else None)
+                       np.array(up), np.array(secs), np.array(hits) if hits else None, np.array(ratios))
 
 
 def format_table(study: StudyResult) -> str:
@@ -115,6 +155,12 @@ def format_table(study: StudyResult) -> str:
         f = float(study.forecast_hits.mean())
         lines += ["", f"forecast: {f:.3f} of the later means inside the 95 % prediction bands "
                       f"({study.forecast_hits.size} means)"]
+    joint = study.likelihood_ratio_summary()
+    if joint is not None:
+        lines += ["", f"likelihood ratio of the truth, 2 (NLL(truth) - NLL(estimate)), over {joint['seeds']} seeds: "
+                      f"mean {joint['mean']:.2f} (chi2_{joint['free']}: {joint['chi2_mean']:.0f}), variance "
+                      f"{joint['variance']:.1f} ({joint['chi2_variance']:.0f}), above chi2_{joint['free']}(0.95) "
+                      f"in {joint['above_95']:.3f} of seeds (0.05)"]
     return "\n".join(lines)
 
 

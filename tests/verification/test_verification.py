@@ -38,6 +38,25 @@ def test_study_summary_by_hand():
     assert rows[0]["median_bias"] == pytest.approx(0.05) and rows[0]["median_half_width"] == pytest.approx(0.15)
 
 
+def test_likelihood_ratio_summary_and_per_seed_rows_by_hand():
+    """The truth's likelihood ratio against chi2_P: mean, sample variance and the fraction above the 95 %
+    point (chi2_2(0.95) = -2 log 0.05 = 5.991), computed here by hand."""
+    truth = np.zeros((4, 2))
+    est = np.ones((4, 2))
+    lr = np.array([1.0, 2.0, 7.0, np.inf])             # a non-finite ratio (a seed outside the domain) is dropped
+    study = StudyResult("t", ("a", "b"), truth, est, est - 1, est + 1, np.arange(4.0), likelihood_ratio=lr)
+    joint = study.likelihood_ratio_summary()
+    assert joint["seeds"] == 3 and joint["free"] == 2 and joint["chi2_mean"] == 2 and joint["chi2_variance"] == 4
+    assert joint["mean"] == pytest.approx(10 / 3)
+    assert joint["variance"] == pytest.approx(((1 - 10 / 3) ** 2 + (2 - 10 / 3) ** 2 + (7 - 10 / 3) ** 2) / 2)
+    assert joint["above_95"] == pytest.approx(1 / 3)          # only 7 > 5.991
+    rows = study.per_seed_rows(first_seed=10)
+    assert len(rows) == 8 and rows[0]["seed"] == 10 and rows[-1]["seed"] == 13
+    assert rows[3]["parameter"] == "b" and rows[3]["seconds"] == 1.0 and rows[3]["likelihood_ratio"] == 2.0
+    assert StudyResult("t", ("a",), truth[:, :1], est[:, :1], est[:, :1], est[:, :1],
+                       np.ones(4)).likelihood_ratio_summary() is None
+
+
 @pytest.mark.slow
 def test_small_coverage_study_runs_and_covers(tmp_path):
     """A 4-seed version of `python -m verification` (chains sharing D_0, N = 300, K = 4): it writes its
@@ -50,3 +69,9 @@ def test_small_coverage_study_runs_and_covers(tmp_path):
     assert "| pooled |" in text and (tmp_path / "coverage_chain.png").stat().st_size > 0
     pooled = float(next(line for line in text.splitlines() if line.startswith("| pooled")).split("|")[2])
     assert pooled >= 0.7
+    seeds = (tmp_path / "coverage_chain_seeds.csv").read_text().splitlines()
+    assert len(seeds) == 1 + 4 * 9
+    # the estimate minimizes the objective, so the truth's likelihood ratio is >= 0 (up to the optimizer's
+    # tolerance)
+    ratios = [float(line.split(",")[-1]) for line in seeds[1:]]
+    assert min(ratios) > -1e-3 and "likelihood ratio of the truth" in text
