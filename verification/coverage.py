@@ -109,8 +109,17 @@ def run_study(kind: str, *, truth: Truth = Truth(), num_seeds: int, num_images: 
                        train_iterations=train_iterations)
     labels = [f"{n}[{c}]" for c, _, _ in truth.conditions for n in ("r1", "r2")] + ["mu0", "sigma_g0",
                                                                                      "sigma_env"]
-    true_row = [v for _, r1, r2 in truth.conditions for v in (r1, r2)] + [truth.mu0, truth.sigma_g0,
-                                                                          truth.sigma_env]
+    # the truth as a fit's (C, parameters) table: the studied entries set, the rest (fixed in the fit) nan
+    truth_table = np.full((len(truth.conditions), len(PARAM_NAMES)), np.nan)
+    for c, (_, r1, r2) in enumerate(truth.conditions):
+        truth_table[c, [idx[n] for n in ENTRY_NAMES]] = (r1, r2, truth.mu0, truth.sigma_g0, truth.sigma_env)
+
+    def pick(table):
+        """The studied entries of a (C, parameters) table in the order of `labels`."""
+        row = [table[c, idx[n]] for c in range(len(truth.conditions)) for n in ("r1", "r2")]
+        return row + [table[0, idx[n]] for n in ("mu0", "sigma_g0", "sigma_env")]
+
+    true_row = pick(truth_table)
     est, lo, up, secs, hits, ratios = [], [], [], [], [], []
     for s in range(first_seed, first_seed + num_seeds):
         x = simulate(truth, num_images=num_images, num_iterations=num_iterations, seed=10_000 + s)
@@ -119,14 +128,7 @@ def run_study(kind: str, *, truth: Truth = Truth(), num_seeds: int, num_images: 
         result = fit_observations(obs, config, key=jax.random.key(s))
         secs.append(time.perf_counter() - start)
 
-        def pick(table):
-            row = [table[c, idx[n]] for c in range(len(truth.conditions)) for n in ("r1", "r2")]
-            return row + [table[0, idx[n]] for n in ("mu0", "sigma_g0", "sigma_env")]
-
-        at_truth = result.estimate.copy()
-        for c, (_, r1, r2) in enumerate(truth.conditions):
-            at_truth[c, [idx["r1"], idx["r2"], idx["mu0"], idx["sigma_g0"], idx["sigma_env"]]] = (
-                r1, r2, truth.mu0, truth.sigma_g0, truth.sigma_env)
+        at_truth = np.where(np.isnan(truth_table), result.estimate, truth_table)
         nll_truth = result.problem.nll(to_unconstrained(at_truth, result.problem))
         ratios.append(2.0 * (float(nll_truth) - result.optimization.best.nll))
         est.append(pick(result.estimate))
